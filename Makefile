@@ -1,0 +1,40 @@
+# The README's two commands: `make demo` and `make test`. Both set themselves up.
+PYTHON ?= python3.11
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+
+.PHONY: demo test test-fast serve worker lint format bench clean
+
+$(STAMP): pyproject.toml
+	@command -v $(PYTHON) >/dev/null 2>&1 || { echo "need $(PYTHON) (Python 3.11) on PATH" >&2; exit 1; }
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[dev,demo]'
+	@touch $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/python manage.py migrate --no-input
+	@echo "admin login: user 'admin', password 'esper-admin' (embedded default only)"
+	@echo "API token:   $$($(BIN)/python manage.py esper_token admin --create --superuser --password esper-admin)"
+	$(BIN)/python manage.py serve 127.0.0.1:8000
+
+test: $(STAMP)
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -m fast $(PYTEST_ARGS)
+
+worker: $(STAMP)
+	$(BIN)/celery -A esper_site worker -Q compile,train -l INFO
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+format: $(STAMP)
+	$(BIN)/ruff format .
+	$(BIN)/ruff check --fix .
+
+clean:
+	rm -rf .esper .pytest_cache

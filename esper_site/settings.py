@@ -1,0 +1,201 @@
+"""Esper settings: everything comes from the environment (see `.env.example`).
+
+With nothing set you get the embedded default: SQLite and artifacts under `./.esper/`,
+an in-process (`memory://`) broker and a Celery worker thread started by `manage.py serve`.
+Set `DATABASE_URL` and `CELERY_BROKER_URL` for the served mode (Postgres + Redis).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import environ
+
+from tezzeret.version import COMPILER_VERSION
+
+BASE_DIR = Path(__file__).resolve().parent.parent
+
+env = environ.Env()
+if (BASE_DIR / ".env").is_file():
+    environ.Env.read_env(BASE_DIR / ".env")
+
+ESPER_HOME = Path(env.str("ESPER_HOME", default=str(BASE_DIR / ".esper")))
+
+DEBUG = env.bool("DEBUG", default=False)
+SECRET_KEY = env.str("SECRET_KEY", default="esper-embedded-insecure-key-change-me-in-served-mode")
+ALLOWED_HOSTS = env.list("ALLOWED_HOSTS", default=["localhost", "127.0.0.1", "[::1]", "testserver"])
+CSRF_TRUSTED_ORIGINS = env.list("CSRF_TRUSTED_ORIGINS", default=[])
+
+INSTALLED_APPS = [
+    "django.contrib.admin",
+    "django.contrib.auth",
+    "django.contrib.contenttypes",
+    "django.contrib.sessions",
+    "django.contrib.messages",
+    "django.contrib.staticfiles",
+    "rest_framework",
+    "rest_framework.authtoken",
+    "django_filters",
+    "drf_spectacular",
+    "drf_spectacular_sidecar",
+    "urza",
+    "tezzeret",
+    "tamiyo",
+]
+
+MIDDLEWARE = [
+    "django.middleware.security.SecurityMiddleware",
+    "whitenoise.middleware.WhiteNoiseMiddleware",
+    "django.contrib.sessions.middleware.SessionMiddleware",
+    "django.middleware.common.CommonMiddleware",
+    "django.middleware.csrf.CsrfViewMiddleware",
+    "django.contrib.auth.middleware.AuthenticationMiddleware",
+    "django.contrib.messages.middleware.MessageMiddleware",
+    "django.middleware.clickjacking.XFrameOptionsMiddleware",
+]
+
+ROOT_URLCONF = "esper_site.urls"
+WSGI_APPLICATION = "esper_site.wsgi.application"
+
+TEMPLATES = [
+    {
+        "BACKEND": "django.template.backends.django.DjangoTemplates",
+        "DIRS": [],
+        "APP_DIRS": True,
+        "OPTIONS": {
+            "context_processors": [
+                "django.template.context_processors.request",
+                "django.contrib.auth.context_processors.auth",
+                "django.contrib.messages.context_processors.messages",
+            ]
+        },
+    }
+]
+
+DATABASES = {
+    "default": env.db(
+        "DATABASE_URL", default=f"sqlite:///{ESPER_HOME / 'esper.sqlite3'}"
+    )
+}
+if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
+    Path(DATABASES["default"]["NAME"]).parent.mkdir(parents=True, exist_ok=True)
+DATABASES["default"].setdefault("CONN_MAX_AGE", env.int("CONN_MAX_AGE", default=0))
+if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
+    # The embedded default serves requests and runs a worker thread against one file.
+    DATABASES["default"].setdefault("OPTIONS", {})
+    DATABASES["default"]["OPTIONS"].setdefault("timeout", 30)
+    DATABASES["default"]["OPTIONS"].setdefault(
+        "init_command", "PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL;"
+    )
+    DATABASES["default"]["OPTIONS"].setdefault("transaction_mode", "IMMEDIATE")
+    # A file, not :memory:, so worker threads see the same test database.
+    DATABASES["default"].setdefault("TEST", {"NAME": str(ESPER_HOME / "test.sqlite3")})
+
+DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
+
+AUTH_PASSWORD_VALIDATORS = [
+    {"NAME": "django.contrib.auth.password_validation.MinimumLengthValidator"},
+]
+
+LANGUAGE_CODE = "en-us"
+TIME_ZONE = "UTC"
+USE_I18N = True
+USE_TZ = True
+
+STATIC_URL = "static/"
+STATIC_ROOT = Path(env.str("STATIC_ROOT", default=str(ESPER_HOME / "static")))
+
+# --- artifacts -------------------------------------------------------------------------
+# Filesystem by default; an S3-compatible bucket is a settings change:
+#   ESPER_STORAGE_BACKEND=storages.backends.s3.S3Storage plus the AWS_* variables.
+ESPER_ARTIFACT_ROOT = Path(env.str("ESPER_ARTIFACT_ROOT", default=str(ESPER_HOME / "artifacts")))
+ESPER_STORAGE_BACKEND = env.str("ESPER_STORAGE_BACKEND", default="urza.storage.AtomicFileSystemStorage")
+_artifact_options: dict = (
+    {"location": str(ESPER_ARTIFACT_ROOT)}
+    if ESPER_STORAGE_BACKEND == "urza.storage.AtomicFileSystemStorage"
+    else {
+        "bucket_name": env.str("AWS_STORAGE_BUCKET_NAME", default="esper-artifacts"),
+        "endpoint_url": env.str("AWS_S3_ENDPOINT_URL", default=None),
+        "file_overwrite": True,
+    }
+)
+STORAGES = {
+    "default": {"BACKEND": ESPER_STORAGE_BACKEND, "OPTIONS": _artifact_options},
+    "staticfiles": {"BACKEND": "django.contrib.staticfiles.storage.StaticFilesStorage"},
+}
+MEDIA_ROOT = str(ESPER_ARTIFACT_ROOT)
+
+# --- API -------------------------------------------------------------------------------
+# 1 MiB bodies at most: a blueprint IR or a health graph is a few KiB.
+DATA_UPLOAD_MAX_MEMORY_SIZE = env.int("ESPER_MAX_BODY_BYTES", default=1024 * 1024)
+
+REST_FRAMEWORK = {
+    "DEFAULT_AUTHENTICATION_CLASSES": [
+        "rest_framework.authentication.TokenAuthentication",
+        "rest_framework.authentication.SessionAuthentication",
+    ],
+    "DEFAULT_PERMISSION_CLASSES": ["rest_framework.permissions.IsAuthenticated"],
+    "DEFAULT_PARSER_CLASSES": ["urza.api.parsers.BoundedJSONParser"],
+    "DEFAULT_RENDERER_CLASSES": ["rest_framework.renderers.JSONRenderer"],
+    "DEFAULT_FILTER_BACKENDS": ["django_filters.rest_framework.DjangoFilterBackend"],
+    "DEFAULT_PAGINATION_CLASS": "rest_framework.pagination.LimitOffsetPagination",
+    "PAGE_SIZE": 50,
+    "EXCEPTION_HANDLER": "urza.api.errors.exception_handler",
+    "DEFAULT_SCHEMA_CLASS": "drf_spectacular.openapi.AutoSchema",
+    "UNAUTHENTICATED_USER": "django.contrib.auth.models.AnonymousUser",
+}
+
+SPECTACULAR_SETTINGS = {
+    "TITLE": "Esper API",
+    "DESCRIPTION": "Urza registry, Tezzeret compiler and Tamiyo controller.",
+    "VERSION": "1",
+    "SERVE_INCLUDE_SCHEMA": False,
+    "COMPONENT_SPLIT_REQUEST": True,
+    "APPEND_COMPONENTS": {
+        "securitySchemes": {
+            "tokenAuth": {
+                "type": "apiKey",
+                "in": "header",
+                "name": "Authorization",
+                "description": "`Token <key>`; create one with `manage.py esper_token USER`.",
+            }
+        }
+    },
+    "SECURITY": [{"tokenAuth": []}],
+    # Swagger UI assets ship with the package: the docs page works offline.
+    "SWAGGER_UI_DIST": "SIDECAR",
+    "SWAGGER_UI_FAVICON_HREF": "SIDECAR",
+    "REDOC_DIST": "SIDECAR",
+}
+
+# --- Celery ----------------------------------------------------------------------------
+CELERY_BROKER_URL = env.str("CELERY_BROKER_URL", default="memory://")
+ESPER_EMBEDDED_BROKER = CELERY_BROKER_URL.startswith("memory://")
+CELERY_RESULT_BACKEND = None
+CELERY_TASK_IGNORE_RESULT = True
+CELERY_TASK_ACKS_LATE = True
+CELERY_TASK_REJECT_ON_WORKER_LOST = True
+CELERY_WORKER_PREFETCH_MULTIPLIER = 1
+CELERY_TASK_DEFAULT_QUEUE = "compile"
+CELERY_TASK_ROUTES = {"tezzeret.*": {"queue": "compile"}, "tamiyo.*": {"queue": "train"}}
+CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
+CELERY_BROKER_TRANSPORT_OPTIONS = {"visibility_timeout": env.int("ESPER_VISIBILITY_TIMEOUT", default=600)}
+CELERY_WORKER_HIJACK_ROOT_LOGGER = False
+CELERY_TIMEZONE = "UTC"
+
+# --- Esper -----------------------------------------------------------------------------
+ESPER_COMPILER_VERSION = COMPILER_VERSION
+# urza may not import tezzeret; the IR and signature checks are plugged in by dotted path.
+URZA_IR_VALIDATOR = "tezzeret.ir.validate_ir"
+URZA_SIGNATURE_VALIDATOR = "tezzeret.services.signature_validate"
+URZA_COMPILE_TASK = "tezzeret.compile_kernel"
+ESPER_HEALTH_PING_TIMEOUT = env.float("ESPER_HEALTH_PING_TIMEOUT", default=1.0)
+
+LOGGING = {
+    "version": 1,
+    "disable_existing_loggers": False,
+    "formatters": {"plain": {"format": "%(asctime)s %(levelname)s %(name)s %(message)s"}},
+    "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "plain"}},
+    "root": {"handlers": ["console"], "level": env.str("LOG_LEVEL", default="INFO")},
+    "loggers": {"django.server": {"level": "WARNING"}},
+}

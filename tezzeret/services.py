@@ -1,0 +1,67 @@
+"""Tezzeret's Django-facing services: signature checks for urza, and compiling a kernel row."""
+
+from __future__ import annotations
+
+import logging
+import time
+
+from urza import services as urza_services
+from urza.models import Kernel
+
+from tezzeret import ir as ir_mod
+
+logger = logging.getLogger(__name__)
+
+
+def signature_validate(*, ir: dict, signature: object) -> dict:
+    """Normalised signature, or `IRError` naming the field that does not fit the blueprint."""
+    sig = ir_mod.parse_signature(signature)
+    ir_mod.check_signature(ir, sig)
+    return sig.to_dict()
+
+
+def kernel_compile(*, kernel_id: str) -> Kernel | None:
+    """Claim the kernel, compile it and record the outcome. Deterministic failures reject it.
+
+    Transient errors (storage, database) propagate so the task can retry them; the kernel
+    is handed back to `pending` first.
+    """
+    from tezzeret.compiler import CompileError, compile_kernel
+
+    kernel = urza_services.kernel_claim(kernel_id=kernel_id)
+    if kernel is None:
+        logger.info("kernel not claimable; nothing to do", extra={"kernel": kernel_id})
+        return None
+    started = time.perf_counter()
+    try:
+        signature = ir_mod.parse_signature(kernel.signature)
+        result = compile_kernel(kernel.blueprint.ir, signature)
+    except (CompileError, ValueError) as exc:
+        urza_services.kernel_mark_rejected(kernel=kernel, error=str(exc))
+        logger.warning("kernel rejected", extra={"kernel": kernel_id, "error": str(exc)})
+        return kernel
+    try:
+        urza_services.kernel_mark_validated(
+            kernel=kernel,
+            artifact=result.artifact,
+            report=result.report,
+            param_count=result.param_count,
+            compile_seconds=result.compile_seconds,
+        )
+    except Exception:
+        urza_services.kernel_release(kernel=kernel)
+        raise
+    logger.info(
+        "kernel validated",
+        extra={"kernel": kernel_id, "seconds": round(time.perf_counter() - started, 3)},
+    )
+    return kernel
+
+
+def kernel_compile_timed_out(*, kernel_id: str, limit_s: float) -> Kernel | None:
+    kernel = Kernel.objects.filter(pk=kernel_id).first()
+    if kernel is not None:
+        urza_services.kernel_mark_rejected(
+            kernel=kernel, error=f"compile exceeded the {limit_s:.0f} s time limit"
+        )
+    return kernel
