@@ -103,7 +103,9 @@ USE_I18N = True
 USE_TZ = True
 
 STATIC_URL = "static/"
-STATIC_ROOT = Path(env.str("STATIC_ROOT", default=str(ESPER_HOME / "static")))
+# Served mode runs `collectstatic` into STATIC_ROOT; without it WhiteNoise serves the apps' files.
+STATIC_ROOT = env.str("STATIC_ROOT", default=None)
+WHITENOISE_USE_FINDERS = STATIC_ROOT is None
 
 # --- artifacts -------------------------------------------------------------------------
 # Filesystem by default; an S3-compatible bucket is a settings change:
@@ -179,7 +181,13 @@ CELERY_WORKER_PREFETCH_MULTIPLIER = 1
 CELERY_TASK_DEFAULT_QUEUE = "compile"
 CELERY_TASK_ROUTES = {"tezzeret.*": {"queue": "compile"}, "tamiyo.*": {"queue": "train"}}
 CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
-CELERY_BROKER_TRANSPORT_OPTIONS = {"visibility_timeout": env.int("ESPER_VISIBILITY_TIMEOUT", default=600)}
+# With acks_late, a job whose worker died (no ack) is redelivered once the visibility
+# timeout passes; it must exceed the longest task's hard time limit.
+CELERY_BROKER_TRANSPORT_OPTIONS = {
+    "visibility_timeout": env.int("ESPER_VISIBILITY_TIMEOUT", default=600),
+    "unacked_restore_interval": env.int("ESPER_UNACKED_RESTORE_INTERVAL", default=10),
+    "unacked_restore_throttle": env.int("ESPER_UNACKED_RESTORE_THROTTLE", default=10),
+}
 CELERY_WORKER_HIJACK_ROOT_LOGGER = False
 CELERY_TIMEZONE = "UTC"
 

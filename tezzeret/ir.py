@@ -99,7 +99,9 @@ _CHANNEL_ONLY = frozenset({"conv1x1", "conv3x3", "depthwise3x3"})
 _LAYOUT_OPS = {"features": OPS - _CHANNEL_ONLY, "channels": OPS - {"linear"}}
 _INITS = ("default", "zeros")
 # Ops with f(0) == 0 for any parameters, so a zero input stays zero through them.
-_ZERO_PRESERVING = frozenset({"relu", "gelu", "silu", "tanh", "dropout", "sigmoid-gate", "squeeze-excite"})
+_ZERO_PRESERVING = frozenset(
+    {"relu", "gelu", "silu", "tanh", "dropout", "sigmoid-gate", "squeeze-excite"}
+)
 _ZEROABLE = frozenset({"linear", "conv1x1", "conv3x3", "depthwise3x3"})
 
 
@@ -127,7 +129,10 @@ def _parse_expr(text: str, field: str, names: frozenset[str]) -> tuple[ast.Expre
     try:
         tree = ast.parse(text.strip(), mode="eval")
     except (SyntaxError, ValueError) as exc:
-        raise IRError(field, f"cannot parse expression {text!r} ({exc.msg if isinstance(exc, SyntaxError) else exc})") from None
+        raise IRError(
+            field,
+            f"cannot parse expression {text!r} ({exc.msg if isinstance(exc, SyntaxError) else exc})",
+        ) from None
     refs: set[str] = set()
     for node in ast.walk(tree):
         if not isinstance(node, _EXPR_NODES):
@@ -137,11 +142,16 @@ def _parse_expr(text: str, field: str, names: frozenset[str]) -> tuple[ast.Expre
                 "param names and + - * / // ( ) are allowed",
             )
         if isinstance(node, ast.Constant) and type(node.value) is not int:
-            raise IRError(field, f"expression {text!r} has the literal {node.value!r}; only integers are allowed")
+            raise IRError(
+                field,
+                f"expression {text!r} has the literal {node.value!r}; only integers are allowed",
+            )
         if isinstance(node, ast.Name):
             if node.id not in names:
                 known = ", ".join(sorted(names))
-                raise IRError(field, f"unknown symbol {node.id!r} in {text!r}; known symbols: {known}")
+                raise IRError(
+                    field, f"unknown symbol {node.id!r} in {text!r}; known symbols: {known}"
+                )
             refs.add(node.id)
     return tree, refs
 
@@ -198,7 +208,9 @@ def _validate_params(params: Any) -> tuple[dict[str, int | str], frozenset[str]]
         if not isinstance(name, str) or not _PARAM_RE.match(name) or keyword.iskeyword(name):
             raise IRError(f"params.{name}", "param names are identifiers of at most 32 characters")
         if name in SYMBOLS:
-            raise IRError(f"params.{name}", f"{name!r} is a built-in symbol and cannot be redefined")
+            raise IRError(
+                f"params.{name}", f"{name!r} is a built-in symbol and cannot be redefined"
+            )
     names = SYMBOLS | frozenset(params)
     out: dict[str, int | str] = {}
     deps: dict[str, set[str]] = {}
@@ -232,7 +244,10 @@ def _validate_layers(
     if not isinstance(layers, list) or not layers:
         raise IRError(path, "must be a non-empty list of layer objects")
     if depth > MAX_DEPTH:
-        raise IRError(path, f"nesting depth {depth} exceeds MAX_DEPTH={MAX_DEPTH}; flatten the residual blocks")
+        raise IRError(
+            path,
+            f"nesting depth {depth} exceeds MAX_DEPTH={MAX_DEPTH}; flatten the residual blocks",
+        )
     result = []
     for i, layer in enumerate(layers):
         lp = f"{path}[{i}]"
@@ -248,7 +263,10 @@ def _validate_layers(
             raise IRError(f"{lp}.op", f"unknown op {op!r}; allowed ops: {', '.join(sorted(OPS))}")
         if op not in _LAYOUT_OPS[layout]:
             need, alt = ("channels", "linear") if op in _CHANNEL_ONLY else ("features", "conv1x1")
-            raise IRError(f"{lp}.op", f"op {op!r} needs layout {need!r}, this blueprint has layout {layout!r}; use {alt!r}")
+            raise IRError(
+                f"{lp}.op",
+                f"op {op!r} needs layout {need!r}, this blueprint has layout {layout!r}; use {alt!r}",
+            )
         fields = _OP_FIELDS[op]
         _check_keys(layer, ("op", *fields), lp)
         clean: dict[str, Any] = {"op": op}
@@ -265,7 +283,13 @@ def _validate_layers(
 
 
 def _validate_field(
-    value: Any, kind: str, field: str, depth: int, names: frozenset[str], layout: str, count: list[int]
+    value: Any,
+    kind: str,
+    field: str,
+    depth: int,
+    names: frozenset[str],
+    layout: str,
+    count: list[int],
 ) -> Any:
     if kind == "dim":
         return _check_dim_value(value, field, names)[0]
@@ -316,11 +340,16 @@ def validate_ir(data: object) -> dict:
         raise IRError("schema", f"must be {SCHEMA_ID!r}, got {data['schema']!r}")
     name = data["name"]
     if not isinstance(name, str) or len(name) > 64 or not _NAME_RE.match(name):
-        raise IRError("name", "must be a lowercase slug such as 'residual-mlp' (a-z, 0-9, '-', '_'; at most 64)")
+        raise IRError(
+            "name",
+            "must be a lowercase slug such as 'residual-mlp' (a-z, 0-9, '-', '_'; at most 64)",
+        )
     if data["graft"] not in GRAFTS:
         raise IRError("graft", f"must be one of {', '.join(sorted(GRAFTS))}, got {data['graft']!r}")
     if data["layout"] not in LAYOUTS:
-        raise IRError("layout", f"must be one of {', '.join(sorted(LAYOUTS))}, got {data['layout']!r}")
+        raise IRError(
+            "layout", f"must be one of {', '.join(sorted(LAYOUTS))}, got {data['layout']!r}"
+        )
     params, names = _validate_params(data.get("params", {}))
     layers = _validate_layers(data["layers"], "layers", 1, names, data["layout"], [0])
     if data["graft"] == "residual":
@@ -350,24 +379,42 @@ class Signature:
 
     def __post_init__(self) -> None:
         if self.graft not in GRAFTS:
-            raise IRError("signature.graft", f"must be one of {', '.join(sorted(GRAFTS))}, got {self.graft!r}")
+            raise IRError(
+                "signature.graft", f"must be one of {', '.join(sorted(GRAFTS))}, got {self.graft!r}"
+            )
         if self.layout not in LAYOUTS:
-            raise IRError("signature.layout", f"must be one of {', '.join(sorted(LAYOUTS))}, got {self.layout!r}")
+            raise IRError(
+                "signature.layout",
+                f"must be one of {', '.join(sorted(LAYOUTS))}, got {self.layout!r}",
+            )
         for key, value in (("in", self.in_), ("out", self.out)):
             if type(value) is not int or not 1 <= value <= MAX_DIM:
-                raise IRError(f"signature.{key}", f"must be an integer in [1, {MAX_DIM}], got {value!r}")
+                raise IRError(
+                    f"signature.{key}", f"must be an integer in [1, {MAX_DIM}], got {value!r}"
+                )
         if self.dtype not in DTYPES:
-            raise IRError("signature.dtype", f"must be one of {', '.join(sorted(DTYPES))}, got {self.dtype!r}")
+            raise IRError(
+                "signature.dtype", f"must be one of {', '.join(sorted(DTYPES))}, got {self.dtype!r}"
+            )
 
     def to_dict(self) -> dict[str, Any]:
-        return {"graft": self.graft, "layout": self.layout, "in": self.in_, "out": self.out, "dtype": self.dtype}
+        return {
+            "graft": self.graft,
+            "layout": self.layout,
+            "in": self.in_,
+            "out": self.out,
+            "dtype": self.dtype,
+        }
 
 
 def parse_signature(data: object) -> Signature:
     if isinstance(data, Signature):
         return data
     if not isinstance(data, dict):
-        raise IRError("signature", f"must be an object with keys graft, layout, in, out, dtype; got {type(data).__name__}")
+        raise IRError(
+            "signature",
+            f"must be an object with keys graft, layout, in, out, dtype; got {type(data).__name__}",
+        )
     keys = ("graft", "layout", "in", "out", "dtype")
     _check_keys(data, keys, "signature")
     for key in keys:
@@ -403,7 +450,9 @@ def _resolve_layers(
         bias = dim if layer.get("bias", False) else 0
         if op in ("linear", "conv1x1", "conv3x3"):
             new["out"] = _dim(layer["out"], f"{lp}.out", env, where)
-            params += dim * new["out"] * (9 if op == "conv3x3" else 1) + (new["out"] if layer["bias"] else 0)
+            params += dim * new["out"] * (9 if op == "conv3x3" else 1) + (
+                new["out"] if layer["bias"] else 0
+            )
             dim, source = new["out"], f"{lp}.out"
         elif op == "depthwise3x3":
             params += 9 * dim + bias
@@ -412,7 +461,10 @@ def _resolve_layers(
         elif op == "groupnorm":
             new["groups"] = _dim(layer["groups"], f"{lp}.groups", env, where)
             if dim % new["groups"]:
-                raise IRError(f"{lp}.groups", f"groups={new['groups']} must divide the {dim} channels at this layer ({where})")
+                raise IRError(
+                    f"{lp}.groups",
+                    f"groups={new['groups']} must divide the {dim} channels at this layer ({where})",
+                )
             params += 2 * dim
         elif op == "sigmoid-gate":
             params += dim * dim + dim
@@ -421,9 +473,14 @@ def _resolve_layers(
             hidden = max(1, dim // new["reduction"])
             params += 2 * dim * hidden + hidden + dim
         elif op == "residual":
-            inner, inner_dim, inner_params, inner_source = _resolve_layers(layer["layers"], f"{lp}.layers", dim, env, where)
+            inner, inner_dim, inner_params, inner_source = _resolve_layers(
+                layer["layers"], f"{lp}.layers", dim, env, where
+            )
             if inner_dim != dim:
-                raise IRError(inner_source, f"a residual block must keep its width: it reads {dim} but outputs {inner_dim} ({where})")
+                raise IRError(
+                    inner_source,
+                    f"a residual block must keep its width: it reads {dim} but outputs {inner_dim} ({where})",
+                )
             new["layers"], params = inner, params + inner_params
         out_layers.append(new)
     return out_layers, dim, params, source
@@ -433,9 +490,14 @@ def _resolve(ir: dict, sig: Signature) -> tuple[dict, int]:
     ir = validate_ir(ir)
     sig = parse_signature(sig)
     if ir["graft"] != sig.graft:
-        raise IRError("graft", f"blueprint graft is {ir['graft']!r} but the signature asks for {sig.graft!r}")
+        raise IRError(
+            "graft", f"blueprint graft is {ir['graft']!r} but the signature asks for {sig.graft!r}"
+        )
     if ir["layout"] != sig.layout:
-        raise IRError("layout", f"blueprint layout is {ir['layout']!r} but the signature asks for {sig.layout!r}")
+        raise IRError(
+            "layout",
+            f"blueprint layout is {ir['layout']!r} but the signature asks for {sig.layout!r}",
+        )
     d = sig.out if sig.graft == "residual" else sig.in_
     where = f"D={d}, IN={sig.in_}, OUT={sig.out}"
     env = {"D": Fraction(d), "IN": Fraction(sig.in_), "OUT": Fraction(sig.out)}
@@ -453,7 +515,9 @@ def _resolve(ir: dict, sig: Signature) -> tuple[dict, int]:
         else:
             result = Fraction(value)
         if result.denominator != 1 or result < 1:
-            raise IRError(f"params.{name}", f"{value!r} = {result} is not a positive integer for {where}")
+            raise IRError(
+                f"params.{name}", f"{value!r} = {result} is not a positive integer for {where}"
+            )
         resolved_params[name] = int(result)
         env[name] = result
 
@@ -463,11 +527,19 @@ def _resolve(ir: dict, sig: Signature) -> tuple[dict, int]:
     want = d if sig.graft == "residual" else sig.out
     if out_dim != want:
         symbol = "D" if sig.graft == "residual" else "OUT"
-        raise IRError(source, f"a {sig.graft} seed must output {symbol}={want}, this one outputs {out_dim} ({where})")
+        raise IRError(
+            source,
+            f"a {sig.graft} seed must output {symbol}={want}, this one outputs {out_dim} ({where})",
+        )
     if params == 0:
-        raise IRError("layers", "the seed has no trainable parameters; add a linear, conv or norm layer")
+        raise IRError(
+            "layers", "the seed has no trainable parameters; add a linear, conv or norm layer"
+        )
     if params > MAX_PARAMS:
-        raise IRError("layers", f"{params:,} parameters for {where} exceed MAX_PARAMS={MAX_PARAMS:,}; use a narrower hidden width")
+        raise IRError(
+            "layers",
+            f"{params:,} parameters for {where} exceed MAX_PARAMS={MAX_PARAMS:,}; use a narrower hidden width",
+        )
     resolved = copy.deepcopy(ir)
     resolved["params"], resolved["layers"] = {k: resolved_params[k] for k in ir["params"]}, layers
     return resolved, params

@@ -116,7 +116,7 @@ def blueprint_create(
             code="conflict",
             status=409,
         ) from exc
-    logger.info("blueprint created", extra={"blueprint": str(blueprint.id), "name": name})
+    logger.info("blueprint created", extra={"blueprint": str(blueprint.id), "blueprint_name": name})
     return blueprint
 
 

@@ -15,8 +15,9 @@ def test_healthz_reports_database_broker_and_a_live_worker(celery_worker, client
 
 @pytest.mark.django_db
 def test_healthz_answers_503_naming_the_broker_when_it_is_unreachable(client, monkeypatch):
-    monkeypatch.setattr(app.conf, "broker_url", "redis://127.0.0.1:1/0")
-    monkeypatch.setattr(app.conf, "broker_write_url", None)
+    real = app.connection_for_write
+    # Port 1 refuses connections: the broker the server is configured for is unreachable.
+    monkeypatch.setattr(app, "connection_for_write", lambda: real("redis://127.0.0.1:1/0"))
     response = client.get("/healthz")
     assert response.status_code == 503
     body = response.json()

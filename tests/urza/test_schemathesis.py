@@ -2,6 +2,8 @@
 
 import pytest
 import schemathesis
+from django.core import signals
+from django.db import close_old_connections
 from hypothesis import HealthCheck, settings
 
 from esper_site.wsgi import application
@@ -14,6 +16,16 @@ schema = schema.exclude(path="/healthz")
 @pytest.fixture
 def auth_header(token):
     return {"Authorization": f"Token {token.key}"}
+
+
+@pytest.fixture(autouse=True)
+def _keep_test_connection():
+    """Calling the WSGI app directly would close the test transaction's connection."""
+    signals.request_started.disconnect(close_old_connections)
+    signals.request_finished.disconnect(close_old_connections)
+    yield
+    signals.request_started.connect(close_old_connections)
+    signals.request_finished.connect(close_old_connections)
 
 
 @pytest.mark.django_db
