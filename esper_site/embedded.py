@@ -43,7 +43,7 @@ def start_worker_threads(
                 without_heartbeat=True,
                 without_mingle=True,
                 without_gossip=True,
-                ready_callback=lambda _worker: ready.set(),
+                ready_callback=lambda _worker, ready=ready: ready.set(),
                 loglevel="INFO",
             )
             thread = threading.Thread(

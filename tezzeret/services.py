@@ -5,10 +5,9 @@ from __future__ import annotations
 import logging
 import time
 
+from tezzeret import ir as ir_mod
 from urza import services as urza_services
 from urza.models import Kernel
-
-from tezzeret import ir as ir_mod
 
 logger = logging.getLogger(__name__)
 

@@ -8,7 +8,6 @@ from tezzeret.catalogue import CATALOGUE, catalogue_entry
 from tezzeret.ir import (
     MAX_DEPTH,
     MAX_LAYERS,
-    MAX_PARAMS,
     OPS,
     SCHEMA_ID,
     IRError,

@@ -1,9 +1,8 @@
 from django.core.management.base import BaseCommand, CommandError
 
+from tezzeret.catalogue import CATALOGUE
 from urza.errors import ApplicationError
 from urza.services import blueprint_ensure
-
-from tezzeret.catalogue import CATALOGUE
 
 
 class Command(BaseCommand):
