@@ -46,9 +46,7 @@ def start_worker_threads(
                 ready_callback=lambda _worker, ready=ready: ready.set(),
                 loglevel="INFO",
             )
-            thread = threading.Thread(
-                target=worker.start, name=f"celery-{queue}", daemon=True
-            )
+            thread = threading.Thread(target=worker.start, name=f"celery-{queue}", daemon=True)
             thread.start()
             if not ready.wait(timeout):
                 raise RuntimeError(f"embedded worker for queue {queue!r} did not start")

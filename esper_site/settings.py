@@ -72,11 +72,7 @@ TEMPLATES = [
     }
 ]
 
-DATABASES = {
-    "default": env.db(
-        "DATABASE_URL", default=f"sqlite:///{ESPER_HOME / 'esper.sqlite3'}"
-    )
-}
+DATABASES = {"default": env.db("DATABASE_URL", default=f"sqlite:///{ESPER_HOME / 'esper.sqlite3'}")}
 if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
     Path(DATABASES["default"]["NAME"]).parent.mkdir(parents=True, exist_ok=True)
 DATABASES["default"].setdefault("CONN_MAX_AGE", env.int("CONN_MAX_AGE", default=0))
@@ -111,7 +107,9 @@ WHITENOISE_USE_FINDERS = STATIC_ROOT is None
 # Filesystem by default; an S3-compatible bucket is a settings change:
 #   ESPER_STORAGE_BACKEND=storages.backends.s3.S3Storage plus the AWS_* variables.
 ESPER_ARTIFACT_ROOT = Path(env.str("ESPER_ARTIFACT_ROOT", default=str(ESPER_HOME / "artifacts")))
-ESPER_STORAGE_BACKEND = env.str("ESPER_STORAGE_BACKEND", default="urza.storage.AtomicFileSystemStorage")
+ESPER_STORAGE_BACKEND = env.str(
+    "ESPER_STORAGE_BACKEND", default="urza.storage.AtomicFileSystemStorage"
+)
 _artifact_options: dict = (
     {"location": str(ESPER_ARTIFACT_ROOT)}
     if ESPER_STORAGE_BACKEND == "urza.storage.AtomicFileSystemStorage"

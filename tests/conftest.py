@@ -41,8 +41,9 @@ def pytest_sessionstart(session):
 
 def pytest_collection_modifyitems(config, items):
     served = _services_problem() is None
-    skip = pytest.mark.skip(reason="served mode only: set DATABASE_URL (Postgres) and "
-                            "CELERY_BROKER_URL (Redis)")
+    skip = pytest.mark.skip(
+        reason="served mode only: set DATABASE_URL (Postgres) and CELERY_BROKER_URL (Redis)"
+    )
     for item in items:
         if "served" in item.keywords and not served:
             item.add_marker(skip)
@@ -111,3 +112,12 @@ def celery_worker(_worker_session, transactional_db):
     """A running worker; the test must use committed data, so it is transactional."""
     return _worker_session
 
+
+@pytest.fixture
+def catalogue(db):
+    """The standard catalogue (migrations load it, but transactional tests flush it)."""
+    from io import StringIO
+
+    from django.core.management import call_command
+
+    call_command("load_catalogue", stdout=StringIO())

@@ -46,7 +46,14 @@ def wait_for_ping(hostname: str, timeout: float = 60.0) -> None:
 class WorkerProcess:
     """A `celery -A esper_site worker` process against the test database and broker."""
 
-    def __init__(self, *, artifact_root: str, queues: str = "compile,train", log_dir: Path):
+    def __init__(
+        self,
+        *,
+        artifact_root: str,
+        queues: str = "compile,train",
+        log_dir: Path,
+        extra_env: dict[str, str] | None = None,
+    ):
         self.hostname = f"pytest-{uuid.uuid4().hex[:8]}@{os.uname().nodename}"
         self.log_path = log_dir / f"{self.hostname.split('@')[0]}.log"
         env = os.environ | {
@@ -54,13 +61,27 @@ class WorkerProcess:
             "CELERY_BROKER_URL": settings.CELERY_BROKER_URL,
             "ESPER_ARTIFACT_ROOT": artifact_root,
             "PYTHONUNBUFFERED": "1",
+            **(extra_env or {}),
         }
         self._log = open(self.log_path, "wb")  # noqa: SIM115 - closed in stop()
         self.proc = subprocess.Popen(
             [
-                sys.executable, "-m", "celery", "-A", "esper_site", "worker",
-                "-Q", queues, "-c", "1", "-n", self.hostname, "-l", "INFO",
-                "--without-mingle", "--without-gossip",
+                sys.executable,
+                "-m",
+                "celery",
+                "-A",
+                "esper_site",
+                "worker",
+                "-Q",
+                queues,
+                "-c",
+                "1",
+                "-n",
+                self.hostname,
+                "-l",
+                "INFO",
+                "--without-mingle",
+                "--without-gossip",
             ],
             cwd=ROOT,
             env=env,

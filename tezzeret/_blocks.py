@@ -10,6 +10,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from tezzeret._resolve import se_hidden
+
 __all__ = ["LayerNorm2d", "Residual", "SigmoidGate", "SqueezeExcite", "build"]
 
 
@@ -78,7 +80,7 @@ def _layer(layer: dict, dim: int, layout: str) -> tuple[nn.Module, int]:
     if op == "dropout":
         return nn.Dropout(layer["p"]), dim
     if op == "squeeze-excite":
-        return SqueezeExcite(dim, max(1, dim // layer["reduction"]), channels), dim
+        return SqueezeExcite(dim, se_hidden(dim, layer["reduction"]), channels), dim
     if op == "residual":
         return Residual(build(layer["layers"], dim, layout)), dim
     raise ValueError(

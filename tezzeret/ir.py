@@ -11,15 +11,15 @@ start as the zero function; a parallel seed must output ``OUT``.
 
 from __future__ import annotations
 
-import ast
-import copy
 import hashlib
 import json
 import keyword
 import re
 from dataclasses import dataclass
-from fractions import Fraction
 from typing import Any
+
+from tezzeret._expr import SYMBOLS, IRError, parse_expr
+from tezzeret._resolve import MAX_DIM, MAX_PARAMS, fit
 
 __all__ = [
     "DTYPES",
@@ -47,27 +47,14 @@ SCHEMA_ID = "esper.blueprint/1"
 GRAFTS = frozenset({"residual", "parallel"})
 LAYOUTS = frozenset({"features", "channels"})
 DTYPES = frozenset({"float32", "float64", "bfloat16", "float16"})
-SYMBOLS = frozenset({"D", "IN", "OUT"})
 MAX_DEPTH = 4
 MAX_LAYERS = 32
-MAX_PARAMS = 4_000_000
-MAX_DIM = 65536
 MAX_PARAM_NAMES = 16
-MAX_EXPR_CHARS = 120
 
 _NAME_RE = re.compile(r"^[a-z0-9]+(?:[-_][a-z0-9]+)*$")
 _PARAM_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,31}$")
 _TOP_KEYS = ("schema", "name", "graft", "layout", "params", "layers")
 _REQUIRED = object()
-
-
-class IRError(ValueError):
-    """An invalid blueprint or signature; ``field`` is a JSON path such as ``layers[2].out``."""
-
-    def __init__(self, field: str, message: str) -> None:
-        super().__init__(f"{field}: {message}")
-        self.field = field
-        self.message = message
 
 
 @dataclass(frozen=True)
@@ -114,73 +101,11 @@ def ir_sha256(ir: dict) -> str:
     return hashlib.sha256(canonical_json(ir).encode("utf-8")).hexdigest()
 
 
-# --- expressions -----------------------------------------------------------------------
-
-_EXPR_NODES = (
-    ast.Expression, ast.BinOp, ast.UnaryOp, ast.Name, ast.Constant, ast.Load,
-    ast.Add, ast.Sub, ast.Mult, ast.Div, ast.FloorDiv, ast.USub, ast.UAdd,
-)  # fmt: skip
-
-
-def _parse_expr(text: str, field: str, names: frozenset[str]) -> tuple[ast.Expression, set[str]]:
-    """Parse a dimension expression; returns the tree and the names it references."""
-    if len(text) > MAX_EXPR_CHARS:
-        raise IRError(field, f"expression longer than {MAX_EXPR_CHARS} characters")
-    try:
-        tree = ast.parse(text.strip(), mode="eval")
-    except (SyntaxError, ValueError) as exc:
-        raise IRError(
-            field,
-            f"cannot parse expression {text!r} ({exc.msg if isinstance(exc, SyntaxError) else exc})",
-        ) from None
-    refs: set[str] = set()
-    for node in ast.walk(tree):
-        if not isinstance(node, _EXPR_NODES):
-            raise IRError(
-                field,
-                f"expression {text!r} uses {type(node).__name__}; only integers, D, IN, OUT, "
-                "param names and + - * / // ( ) are allowed",
-            )
-        if isinstance(node, ast.Constant) and type(node.value) is not int:
-            raise IRError(
-                field,
-                f"expression {text!r} has the literal {node.value!r}; only integers are allowed",
-            )
-        if isinstance(node, ast.Name):
-            if node.id not in names:
-                known = ", ".join(sorted(names))
-                raise IRError(
-                    field, f"unknown symbol {node.id!r} in {text!r}; known symbols: {known}"
-                )
-            refs.add(node.id)
-    return tree, refs
-
-
-def _eval(node: ast.AST, env: dict[str, Fraction], field: str) -> Fraction:
-    if isinstance(node, ast.Expression):
-        return _eval(node.body, env, field)
-    if isinstance(node, ast.Constant):
-        return Fraction(node.value)
-    if isinstance(node, ast.Name):
-        return env[node.id]
-    if isinstance(node, ast.UnaryOp):
-        value = _eval(node.operand, env, field)
-        return -value if isinstance(node.op, ast.USub) else value
-    if isinstance(node, ast.BinOp):
-        left, right = _eval(node.left, env, field), _eval(node.right, env, field)
-        if isinstance(node.op, ast.Add):
-            return left + right
-        if isinstance(node.op, ast.Sub):
-            return left - right
-        if isinstance(node.op, ast.Mult):
-            return left * right
-        if right == 0:
-            raise IRError(field, "division by zero")
-        return left / right if isinstance(node.op, ast.Div) else Fraction(left // right)
-    raise IRError(field, f"unsupported expression node {type(node).__name__}")  # pragma: no cover
-
-
 # --- structural validation -------------------------------------------------------------
+
+
+def _is_one_of(value: object, allowed: frozenset[str] | tuple[str, ...]) -> bool:
+    return isinstance(value, str) and value in allowed
 
 
 def _check_keys(data: dict, allowed: tuple[str, ...] | frozenset[str], path: str) -> None:
@@ -195,7 +120,7 @@ def _check_dim_value(value: Any, field: str, names: frozenset[str]) -> tuple[int
     if type(value) is int:
         return value, set()
     if isinstance(value, str):
-        return value.strip(), _parse_expr(value, field, names)[1]
+        return value.strip(), parse_expr(value, field, names)[1]
     raise IRError(field, f"must be an integer or an expression string, got {type(value).__name__}")
 
 
@@ -294,7 +219,7 @@ def _validate_field(
     if kind == "dim":
         return _check_dim_value(value, field, names)[0]
     if kind == "init":
-        if value not in _INITS:
+        if not _is_one_of(value, _INITS):
             raise IRError(field, f"must be one of {', '.join(_INITS)}, got {value!r}")
         return value
     if kind == "bool":
@@ -344,9 +269,9 @@ def validate_ir(data: object) -> dict:
             "name",
             "must be a lowercase slug such as 'residual-mlp' (a-z, 0-9, '-', '_'; at most 64)",
         )
-    if data["graft"] not in GRAFTS:
+    if not _is_one_of(data["graft"], GRAFTS):
         raise IRError("graft", f"must be one of {', '.join(sorted(GRAFTS))}, got {data['graft']!r}")
-    if data["layout"] not in LAYOUTS:
+    if not _is_one_of(data["layout"], LAYOUTS):
         raise IRError(
             "layout", f"must be one of {', '.join(sorted(LAYOUTS))}, got {data['layout']!r}"
         )
@@ -378,11 +303,11 @@ class Signature:
     dtype: str
 
     def __post_init__(self) -> None:
-        if self.graft not in GRAFTS:
+        if not _is_one_of(self.graft, GRAFTS):
             raise IRError(
                 "signature.graft", f"must be one of {', '.join(sorted(GRAFTS))}, got {self.graft!r}"
             )
-        if self.layout not in LAYOUTS:
+        if not _is_one_of(self.layout, LAYOUTS):
             raise IRError(
                 "signature.layout",
                 f"must be one of {', '.join(sorted(LAYOUTS))}, got {self.layout!r}",
@@ -392,7 +317,7 @@ class Signature:
                 raise IRError(
                     f"signature.{key}", f"must be an integer in [1, {MAX_DIM}], got {value!r}"
                 )
-        if self.dtype not in DTYPES:
+        if not _is_one_of(self.dtype, DTYPES):
             raise IRError(
                 "signature.dtype", f"must be one of {', '.join(sorted(DTYPES))}, got {self.dtype!r}"
             )
@@ -426,135 +351,20 @@ def parse_signature(data: object) -> Signature:
 # --- resolution ------------------------------------------------------------------------
 
 
-def _dim(value: int | str, field: str, env: dict[str, Fraction], where: str) -> int:
-    if isinstance(value, int):
-        result = Fraction(value)
-    else:
-        result = _eval(_parse_expr(value, field, frozenset(env))[0], env, field)
-    if result.denominator != 1:
-        raise IRError(field, f"{value!r} = {result} is not an integer for {where}")
-    if result < 1:
-        raise IRError(field, f"{value!r} = {result} must be positive for {where}")
-    if result > MAX_DIM:
-        raise IRError(field, f"{value!r} = {result} exceeds MAX_DIM={MAX_DIM} for {where}")
-    return int(result)
-
-
-def _resolve_layers(
-    layers: list[dict], path: str, dim: int, env: dict[str, Fraction], where: str
-) -> tuple[list[dict], int, int, str]:
-    """Resolve dims along a chain; returns (layers, output width, params, field that set it)."""
-    out_layers, params, source = [], 0, path
-    for i, layer in enumerate(layers):
-        lp, op, new = f"{path}[{i}]", layer["op"], dict(layer)
-        bias = dim if layer.get("bias", False) else 0
-        if op in ("linear", "conv1x1", "conv3x3"):
-            new["out"] = _dim(layer["out"], f"{lp}.out", env, where)
-            params += dim * new["out"] * (9 if op == "conv3x3" else 1) + (
-                new["out"] if layer["bias"] else 0
-            )
-            dim, source = new["out"], f"{lp}.out"
-        elif op == "depthwise3x3":
-            params += 9 * dim + bias
-        elif op in ("layernorm", "batchnorm"):
-            params += 2 * dim
-        elif op == "groupnorm":
-            new["groups"] = _dim(layer["groups"], f"{lp}.groups", env, where)
-            if dim % new["groups"]:
-                raise IRError(
-                    f"{lp}.groups",
-                    f"groups={new['groups']} must divide the {dim} channels at this layer ({where})",
-                )
-            params += 2 * dim
-        elif op == "sigmoid-gate":
-            params += dim * dim + dim
-        elif op == "squeeze-excite":
-            new["reduction"] = _dim(layer["reduction"], f"{lp}.reduction", env, where)
-            hidden = max(1, dim // new["reduction"])
-            params += 2 * dim * hidden + hidden + dim
-        elif op == "residual":
-            inner, inner_dim, inner_params, inner_source = _resolve_layers(
-                layer["layers"], f"{lp}.layers", dim, env, where
-            )
-            if inner_dim != dim:
-                raise IRError(
-                    inner_source,
-                    f"a residual block must keep its width: it reads {dim} but outputs {inner_dim} ({where})",
-                )
-            new["layers"], params = inner, params + inner_params
-        out_layers.append(new)
-    return out_layers, dim, params, source
-
-
-def _resolve(ir: dict, sig: Signature) -> tuple[dict, int]:
-    ir = validate_ir(ir)
-    sig = parse_signature(sig)
-    if ir["graft"] != sig.graft:
-        raise IRError(
-            "graft", f"blueprint graft is {ir['graft']!r} but the signature asks for {sig.graft!r}"
-        )
-    if ir["layout"] != sig.layout:
-        raise IRError(
-            "layout",
-            f"blueprint layout is {ir['layout']!r} but the signature asks for {sig.layout!r}",
-        )
-    d = sig.out if sig.graft == "residual" else sig.in_
-    where = f"D={d}, IN={sig.in_}, OUT={sig.out}"
-    env = {"D": Fraction(d), "IN": Fraction(sig.in_), "OUT": Fraction(sig.out)}
-    resolved_params: dict[str, int] = {}
-
-    def param(name: str) -> None:
-        if name in resolved_params:
-            return
-        value, field = ir["params"][name], f"params.{name}"
-        if isinstance(value, str):
-            tree, refs = _parse_expr(value, field, SYMBOLS | frozenset(ir["params"]))
-            for ref in sorted(refs - SYMBOLS):
-                param(ref)
-            result = _eval(tree, env, field)
-        else:
-            result = Fraction(value)
-        if result.denominator != 1 or result < 1:
-            raise IRError(
-                f"params.{name}", f"{value!r} = {result} is not a positive integer for {where}"
-            )
-        resolved_params[name] = int(result)
-        env[name] = result
-
-    for name in ir["params"]:
-        param(name)
-    layers, out_dim, params, source = _resolve_layers(ir["layers"], "layers", d, env, where)
-    want = d if sig.graft == "residual" else sig.out
-    if out_dim != want:
-        symbol = "D" if sig.graft == "residual" else "OUT"
-        raise IRError(
-            source,
-            f"a {sig.graft} seed must output {symbol}={want}, this one outputs {out_dim} ({where})",
-        )
-    if params == 0:
-        raise IRError(
-            "layers", "the seed has no trainable parameters; add a linear, conv or norm layer"
-        )
-    if params > MAX_PARAMS:
-        raise IRError(
-            "layers",
-            f"{params:,} parameters for {where} exceed MAX_PARAMS={MAX_PARAMS:,}; use a narrower hidden width",
-        )
-    resolved = copy.deepcopy(ir)
-    resolved["params"], resolved["layers"] = {k: resolved_params[k] for k in ir["params"]}, layers
-    return resolved, params
+def _fit(ir: dict, sig: Signature | dict) -> tuple[dict, int]:
+    return fit(validate_ir(ir), parse_signature(sig))
 
 
 def resolve(ir: dict, sig: Signature) -> dict:
     """The IR with every dimension expression replaced by a concrete int for ``sig``."""
-    return _resolve(ir, sig)[0]
+    return _fit(ir, sig)[0]
 
 
 def param_count(ir: dict, sig: Signature) -> int:
     """Trainable parameters of the seed built for ``sig``, computed arithmetically."""
-    return _resolve(ir, sig)[1]
+    return _fit(ir, sig)[1]
 
 
 def check_signature(ir: dict, sig: Signature) -> None:
     """Raise `IRError` unless the blueprint fits ``sig``; cheap (no torch), for request time."""
-    _resolve(ir, sig)
+    _fit(ir, sig)

@@ -34,8 +34,16 @@ class BlueprintAdmin(admin.ModelAdmin):
     list_filter = ["status", "source", "tags"]
     search_fields = ["name", "description", "ir_sha256", "id"]
     readonly_fields = [
-        "id", "name", "version", "ir_pretty", "ir_sha256", "source", "parent", "created_by",
-        "created_at", "updated_at",
+        "id",
+        "name",
+        "version",
+        "ir_pretty",
+        "ir_sha256",
+        "source",
+        "parent",
+        "created_by",
+        "created_at",
+        "updated_at",
     ]
     fields = readonly_fields[:4] + ["description", "tags", "status"] + readonly_fields[4:]
     inlines = [KernelInline]
@@ -59,16 +67,35 @@ class BlueprintAdmin(admin.ModelAdmin):
 @admin.register(Kernel)
 class KernelAdmin(admin.ModelAdmin):
     list_display = [
-        "id", "blueprint", "status", "signature_short", "size_bytes", "compile_seconds",
-        "attempts", "created_at",
+        "id",
+        "blueprint",
+        "status",
+        "signature_short",
+        "size_bytes",
+        "compile_seconds",
+        "attempts",
+        "created_at",
     ]
     list_filter = ["status", "blueprint__source", "blueprint__tags", "torch_version"]
     search_fields = ["id", "cache_key", "blueprint__name", "artifact_sha256", "error"]
     list_select_related = ["blueprint"]
     readonly_fields = [
-        "id", "blueprint", "signature_pretty", "cache_key", "status", "download",
-        "artifact_sha256", "size_bytes", "param_count", "validation_report", "error",
-        "attempts", "compile_seconds", "torch_version", "created_at", "updated_at",
+        "id",
+        "blueprint",
+        "signature_pretty",
+        "cache_key",
+        "status",
+        "download",
+        "artifact_sha256",
+        "size_bytes",
+        "param_count",
+        "validation_report",
+        "error",
+        "attempts",
+        "compile_seconds",
+        "torch_version",
+        "created_at",
+        "updated_at",
     ]
     exclude = ["signature", "artifact", "validation"]
 
@@ -93,4 +120,6 @@ class KernelAdmin(admin.ModelAdmin):
         if obj.status != Kernel.Status.VALIDATED or not obj.artifact:
             return "—"
         url = reverse("urza-api:kernel-artifact", kwargs={"kernel_id": obj.id})
-        return format_html('<a href="{}">download {}.pt2</a> ({} bytes)', url, obj.id, obj.size_bytes)
+        return format_html(
+            '<a href="{}">download {}.pt2</a> ({} bytes)', url, obj.id, obj.size_bytes
+        )

@@ -53,7 +53,9 @@ class Blueprint(models.Model):
     class Meta:
         ordering = ["name", "-version"]
         constraints = [
-            models.UniqueConstraint(fields=["name", "version"], name="blueprint_name_version_unique")
+            models.UniqueConstraint(
+                fields=["name", "version"], name="blueprint_name_version_unique"
+            )
         ]
 
     def __str__(self) -> str:

@@ -52,9 +52,7 @@ def kernel_list(*, filters: dict | None = None) -> QuerySet[Kernel]:
 def blueprint_get(*, blueprint_id) -> Blueprint:
     blueprint = Blueprint.objects.prefetch_related("tags").filter(pk=blueprint_id).first()
     if blueprint is None:
-        raise ApplicationError(
-            f"no blueprint {blueprint_id}", code="not_found", status=404
-        )
+        raise ApplicationError(f"no blueprint {blueprint_id}", code="not_found", status=404)
     return blueprint
 
 

@@ -126,7 +126,12 @@ def _next_version(name: str) -> int:
 
 
 def blueprint_ensure(
-    *, name: str, version: int, ir: dict, description: str = "", tags: Iterable[str] = (),
+    *,
+    name: str,
+    version: int,
+    ir: dict,
+    description: str = "",
+    tags: Iterable[str] = (),
     source: str = Blueprint.Source.CATALOGUE,
 ) -> tuple[Blueprint, bool]:
     """Idempotent registration (catalogue loading): returns (blueprint, created)."""
@@ -172,12 +177,16 @@ def _compile_enqueue(kernel_id: str) -> None:
     app.send_task(settings.URZA_COMPILE_TASK, args=[kernel_id], queue="compile")
 
 
-def kernel_request(*, blueprint: Blueprint, signature: Any) -> tuple[Kernel, bool]:
-    """Get or create the kernel for (blueprint, signature); a new one is queued after commit."""
+def kernel_request(
+    *, blueprint: Blueprint, signature: Any, enqueue: bool = True
+) -> tuple[Kernel, bool]:
+    """Get or create the kernel for (blueprint, signature); a new one is queued after commit.
+
+    `enqueue=False` is for callers that compile the new kernel themselves.
+    """
     if blueprint.status != Blueprint.Status.ACTIVE:
         raise ApplicationError(
-            f"blueprint {blueprint} is {blueprint.status}; request a kernel from an active "
-            "version",
+            f"blueprint {blueprint} is {blueprint.status}; request a kernel from an active version",
             code="blueprint_retired",
             status=409,
         )
@@ -197,7 +206,8 @@ def kernel_request(*, blueprint: Blueprint, signature: Any) -> tuple[Kernel, boo
     except IntegrityError:
         return Kernel.objects.get(cache_key=key), False
     kernel_id = str(kernel.id)
-    transaction.on_commit(lambda: _compile_enqueue(kernel_id))
+    if enqueue:
+        transaction.on_commit(lambda: _compile_enqueue(kernel_id))
     logger.info("kernel requested", extra={"kernel": kernel_id, "blueprint": str(blueprint.id)})
     return kernel, True
 
@@ -220,7 +230,7 @@ def kernel_claim(*, kernel_id: str) -> Kernel | None:
             Kernel.objects.filter(pk=kernel.pk).update(
                 status=Kernel.Status.REJECTED,
                 error=f"gave up after {kernel.attempts} attempts that did not finish "
-                "(the worker died each time)",
+                "(worker lost or transient storage/database errors each time)",
             )
             return None
         Kernel.objects.filter(pk=kernel.pk).update(

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import copy
 import io
 import json
 import zipfile
@@ -252,3 +253,22 @@ def test_archive_holds_no_pickles_and_pickled_payloads_are_refused(compiled):
         )
     with pytest.raises(KernelLoadError, match="zip"):
         load_kernel(b"not an archive")
+
+
+def test_loaded_kernel_deep_copies_and_the_copy_switches_modes(compiled):
+    sig, kernel = compiled["depthwise-separable"]
+    module = load_kernel(kernel.artifact)
+    snapshot = copy.deepcopy(module)
+    snapshot.eval()
+    assert not snapshot.training and module.training
+    x = seed_input(sig)
+    torch.testing.assert_close(snapshot(x), module.eval()(x))
+
+
+def test_bad_batch_sizes_are_a_compile_error():
+    with pytest.raises(CompileError, match="batch_sizes"):
+        compile_kernel(
+            catalogue_entry("lowrank-adapter")["ir"],
+            fitting_signature({"graft": "parallel", "layout": "features"}),
+            batch_sizes=(0,),
+        )

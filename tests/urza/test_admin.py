@@ -25,8 +25,11 @@ def test_kernel_change_page_shows_report_and_download_link(admin_client, bluepri
     claimed = services.kernel_claim(kernel_id=kernel.id)
     result = compile_kernel(blueprint.ir, parse_signature(signature))
     services.kernel_mark_validated(
-        kernel=claimed, artifact=result.artifact, report=result.report,
-        param_count=result.param_count, compile_seconds=result.compile_seconds,
+        kernel=claimed,
+        artifact=result.artifact,
+        report=result.report,
+        param_count=result.param_count,
+        compile_seconds=result.compile_seconds,
     )
     page = admin_client.get(reverse("admin:urza_kernel_change", args=[kernel.id]))
     html = page.content.decode()
@@ -36,5 +39,7 @@ def test_kernel_change_page_shows_report_and_download_link(admin_client, bluepri
     artifact = admin_client.get(download)
     assert artifact.status_code == 200
     assert b"".join(artifact.streaming_content) == result.artifact
-    listing = admin_client.get(reverse("admin:urza_kernel_changelist"), {"status__exact": "validated"})
+    listing = admin_client.get(
+        reverse("admin:urza_kernel_changelist"), {"status__exact": "validated"}
+    )
     assert str(kernel.id) in listing.content.decode()

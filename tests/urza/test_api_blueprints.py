@@ -28,7 +28,7 @@ def test_submitted_blueprint_is_created_with_its_sha_and_tags(api_client, ir, us
     assert detail.status_code == 200 and detail.json()["ir"] == body["ir"]
 
 
-def test_list_filters_by_tag_source_and_status(api_client, blueprint):
+def test_list_filters_by_tag_source_and_status(api_client, catalogue, blueprint):
     catalogue = Blueprint.objects.filter(source="catalogue").count()
     assert catalogue >= 8
     by_tag = api_client.get(URL, {"tag": "test"}).json()
@@ -71,9 +71,7 @@ def test_malformed_submission_gets_400_naming_the_field(api_client, payload, fie
 
 def test_an_existing_version_is_immutable_and_gets_409(api_client, blueprint, ir):
     ir["params"]["r"] = "D/2"
-    response = api_client.post(
-        URL, {"name": blueprint.name, "version": 1, "ir": ir}, format="json"
-    )
+    response = api_client.post(URL, {"name": blueprint.name, "version": 1, "ir": ir}, format="json")
     assert response.status_code == 409
     assert "version 2" in _error(response)["message"]
 

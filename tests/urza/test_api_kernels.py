@@ -30,7 +30,8 @@ def test_blueprint_over_http_then_kernel_twice_is_one_kernel_visible_in_admin(
     assert first.status_code == 202, first.content
     assert first.json()["status"] == "pending"
     second = api_client.post(
-        URL, {"blueprint": blueprint_id, "signature": dict(reversed(signature.items()))},
+        URL,
+        {"blueprint": blueprint_id, "signature": dict(reversed(signature.items()))},
         format="json",
     )
     assert second.status_code == 200
@@ -113,8 +114,11 @@ def test_validated_artifact_is_served_with_etag_and_checksum(api_client, bluepri
     claimed = services.kernel_claim(kernel_id=kernel.id)
     result = compile_kernel(blueprint.ir, parse_signature(signature))
     assert services.kernel_mark_validated(
-        kernel=claimed, artifact=result.artifact, report=result.report,
-        param_count=result.param_count, compile_seconds=result.compile_seconds,
+        kernel=claimed,
+        artifact=result.artifact,
+        report=result.report,
+        param_count=result.param_count,
+        compile_seconds=result.compile_seconds,
     )
     detail = api_client.get(f"{URL}{kernel.id}/").json()
     assert detail["status"] == "validated"

@@ -23,7 +23,7 @@ def test_esper_token_refuses_an_unknown_user_without_create():
         call_command("esper_token", "ghost")
 
 
-def test_load_catalogue_is_idempotent():
+def test_load_catalogue_is_idempotent(catalogue):
     before = Blueprint.objects.filter(source="catalogue").count()
     assert before >= 8
     out = StringIO()

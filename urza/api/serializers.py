@@ -13,7 +13,10 @@ class StrictInputSerializer(serializers.Serializer):
             unknown = sorted(set(data) - set(self.fields))
             if unknown:
                 raise serializers.ValidationError(
-                    {name: ["unknown field; allowed: " + ", ".join(self.fields)] for name in unknown}
+                    {
+                        name: ["unknown field; allowed: " + ", ".join(self.fields)]
+                        for name in unknown
+                    }
                 )
         return super().to_internal_value(data)
 

@@ -30,8 +30,19 @@ class BlueprintOutputSerializer(serializers.ModelSerializer):
     class Meta:
         model = Blueprint
         fields = [
-            "id", "name", "version", "ir", "ir_sha256", "description", "tags", "source",
-            "parent", "status", "created_by", "created_at", "updated_at",
+            "id",
+            "name",
+            "version",
+            "ir",
+            "ir_sha256",
+            "description",
+            "tags",
+            "source",
+            "parent",
+            "status",
+            "created_by",
+            "created_at",
+            "updated_at",
         ]
 
 
@@ -41,9 +52,22 @@ class KernelOutputSerializer(serializers.ModelSerializer):
     class Meta:
         model = Kernel
         fields = [
-            "id", "blueprint", "signature", "cache_key", "status", "artifact_url",
-            "artifact_sha256", "size_bytes", "param_count", "validation", "error",
-            "attempts", "compile_seconds", "torch_version", "created_at", "updated_at",
+            "id",
+            "blueprint",
+            "signature",
+            "cache_key",
+            "status",
+            "artifact_url",
+            "artifact_sha256",
+            "size_bytes",
+            "param_count",
+            "validation",
+            "error",
+            "attempts",
+            "compile_seconds",
+            "torch_version",
+            "created_at",
+            "updated_at",
         ]
 
     def get_artifact_url(self, kernel: Kernel) -> str | None:
@@ -67,7 +91,9 @@ class BlueprintListCreateApi(GenericAPIView):
             required=False, allow_blank=True, max_length=10_000, default=""
         )
         tags = serializers.ListField(
-            child=serializers.SlugField(max_length=64), required=False, default=list,
+            child=serializers.SlugField(max_length=64),
+            required=False,
+            default=list,
             max_length=32,
         )
         parent = serializers.UUIDField(required=False, allow_null=True, default=None)
@@ -92,9 +118,7 @@ class BlueprintListCreateApi(GenericAPIView):
         data = dict(serializer.validated_data)
         parent_id = data.pop("parent")
         parent = selectors.blueprint_get(blueprint_id=parent_id) if parent_id else None
-        blueprint = services.blueprint_create(
-            **data, parent=parent, created_by=request.user
-        )
+        blueprint = services.blueprint_create(**data, parent=parent, created_by=request.user)
         return Response(BlueprintOutputSerializer(blueprint).data, status=status.HTTP_201_CREATED)
 
 
@@ -142,9 +166,7 @@ class KernelListCreateApi(GenericAPIView):
         serializer = self.InputSerializer(data=request.data)
         serializer.is_valid(raise_exception=True)
         try:
-            blueprint = selectors.blueprint_get(
-                blueprint_id=serializer.validated_data["blueprint"]
-            )
+            blueprint = selectors.blueprint_get(blueprint_id=serializer.validated_data["blueprint"])
         except ApplicationError as exc:
             raise ApplicationError(
                 exc.message, code="invalid", status=400, detail={"blueprint": [exc.message]}
@@ -201,7 +223,9 @@ class KernelArtifactApi(GenericAPIView):
                 status=410,
             ) from exc
         response = FileResponse(
-            handle, content_type="application/octet-stream", as_attachment=True,
+            handle,
+            content_type="application/octet-stream",
+            as_attachment=True,
             filename=f"{kernel.id}.pt2",
         )
         response["ETag"] = etag

@@ -22,6 +22,4 @@ class Command(BaseCommand):
             except ApplicationError as exc:
                 raise CommandError(f"{entry['name']}: {exc.message}") from exc
             created += was_created
-        self.stdout.write(
-            f"catalogue: {len(CATALOGUE)} blueprints, {created} newly registered"
-        )
+        self.stdout.write(f"catalogue: {len(CATALOGUE)} blueprints, {created} newly registered")

@@ -1,0 +1,143 @@
+"""Fit a validated blueprint IR to a signature: concrete dims, shape checks, parameter count.
+
+Pure arithmetic, no torch: this runs when a kernel is requested, so it must be cheap.
+"""
+
+from __future__ import annotations
+
+import copy
+from fractions import Fraction
+from typing import TYPE_CHECKING
+
+from tezzeret._expr import SYMBOLS, IRError, eval_expr, parse_expr
+
+if TYPE_CHECKING:
+    from tezzeret.ir import Signature
+
+__all__ = ["MAX_DIM", "MAX_PARAMS", "fit", "se_hidden"]
+
+MAX_DIM = 65536
+MAX_PARAMS = 4_000_000
+
+
+def se_hidden(dim: int, reduction: int) -> int:
+    """Hidden width of a squeeze-excite block (never below 1, so it fits narrow layers)."""
+    return max(1, dim // reduction)
+
+
+def _dim(value: int | str, field: str, env: dict[str, Fraction], where: str) -> int:
+    if isinstance(value, int):
+        result = Fraction(value)
+    else:
+        result = eval_expr(parse_expr(value, field, frozenset(env))[0], env, field)
+    if result.denominator != 1:
+        raise IRError(field, f"{value!r} = {result} is not an integer for {where}")
+    if result < 1:
+        raise IRError(field, f"{value!r} = {result} must be positive for {where}")
+    if result > MAX_DIM:
+        raise IRError(field, f"{value!r} = {result} exceeds MAX_DIM={MAX_DIM} for {where}")
+    return int(result)
+
+
+def _resolve_layers(
+    layers: list[dict], path: str, dim: int, env: dict[str, Fraction], where: str
+) -> tuple[list[dict], int, int, str]:
+    """Resolve dims along a chain; returns (layers, output width, params, field that set it)."""
+    out_layers, params, source = [], 0, path
+    for i, layer in enumerate(layers):
+        lp, op, new = f"{path}[{i}]", layer["op"], dict(layer)
+        bias = dim if layer.get("bias", False) else 0
+        if op in ("linear", "conv1x1", "conv3x3"):
+            new["out"] = _dim(layer["out"], f"{lp}.out", env, where)
+            params += dim * new["out"] * (9 if op == "conv3x3" else 1) + (
+                new["out"] if layer["bias"] else 0
+            )
+            dim, source = new["out"], f"{lp}.out"
+        elif op == "depthwise3x3":
+            params += 9 * dim + bias
+        elif op in ("layernorm", "batchnorm"):
+            params += 2 * dim
+        elif op == "groupnorm":
+            new["groups"] = _dim(layer["groups"], f"{lp}.groups", env, where)
+            if dim % new["groups"]:
+                raise IRError(
+                    f"{lp}.groups",
+                    f"groups={new['groups']} must divide the {dim} channels at this layer ({where})",
+                )
+            params += 2 * dim
+        elif op == "sigmoid-gate":
+            params += dim * dim + dim
+        elif op == "squeeze-excite":
+            new["reduction"] = _dim(layer["reduction"], f"{lp}.reduction", env, where)
+            hidden = se_hidden(dim, new["reduction"])
+            params += 2 * dim * hidden + hidden + dim
+        elif op == "residual":
+            inner, inner_dim, inner_params, inner_source = _resolve_layers(
+                layer["layers"], f"{lp}.layers", dim, env, where
+            )
+            if inner_dim != dim:
+                raise IRError(
+                    inner_source,
+                    f"a residual block must keep its width: it reads {dim} but outputs {inner_dim} ({where})",
+                )
+            new["layers"], params = inner, params + inner_params
+        out_layers.append(new)
+    return out_layers, dim, params, source
+
+
+def fit(ir: dict, sig: Signature) -> tuple[dict, int]:
+    """Resolve a validated ``ir`` for a parsed ``sig``: (resolved IR, parameter count)."""
+    if ir["graft"] != sig.graft:
+        raise IRError(
+            "graft", f"blueprint graft is {ir['graft']!r} but the signature asks for {sig.graft!r}"
+        )
+    if ir["layout"] != sig.layout:
+        raise IRError(
+            "layout",
+            f"blueprint layout is {ir['layout']!r} but the signature asks for {sig.layout!r}",
+        )
+    d = sig.out if sig.graft == "residual" else sig.in_
+    where = f"D={d}, IN={sig.in_}, OUT={sig.out}"
+    env = {"D": Fraction(d), "IN": Fraction(sig.in_), "OUT": Fraction(sig.out)}
+    resolved_params: dict[str, int] = {}
+
+    def param(name: str) -> None:
+        if name in resolved_params:
+            return
+        value, field = ir["params"][name], f"params.{name}"
+        if isinstance(value, str):
+            tree, refs = parse_expr(value, field, SYMBOLS | frozenset(ir["params"]))
+            for ref in sorted(refs - SYMBOLS):
+                param(ref)
+            result = eval_expr(tree, env, field)
+        else:
+            result = Fraction(value)
+        if result.denominator != 1 or result < 1:
+            raise IRError(
+                f"params.{name}", f"{value!r} = {result} is not a positive integer for {where}"
+            )
+        resolved_params[name] = int(result)
+        env[name] = result
+
+    for name in ir["params"]:
+        param(name)
+    layers, out_dim, params, source = _resolve_layers(ir["layers"], "layers", d, env, where)
+    want = d if sig.graft == "residual" else sig.out
+    if out_dim != want:
+        symbol = "D" if sig.graft == "residual" else "OUT"
+        raise IRError(
+            source,
+            f"a {sig.graft} seed must output {symbol}={want}, this one outputs {out_dim} ({where})",
+        )
+    if params == 0:
+        raise IRError(
+            "layers", "the seed has no trainable parameters; add a linear, conv or norm layer"
+        )
+    if params > MAX_PARAMS:
+        raise IRError(
+            "layers",
+            f"{params:,} parameters for {where} exceed MAX_PARAMS={MAX_PARAMS:,}; use a narrower hidden width",
+        )
+    resolved = copy.deepcopy(ir)
+    resolved["params"], resolved["layers"] = {k: resolved_params[k] for k in ir["params"]}, layers
+    return resolved, params
