@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from tezzeret import _blocks
-from tezzeret._artifact import KernelLoadError, load_kernel
+from kasmina._artifact import KernelLoadError, load_kernel
 from tezzeret.ir import IRError, Signature, param_count, parse_signature, resolve
 from tezzeret.version import COMPILER_VERSION
 

@@ -128,3 +128,10 @@ def test_blueprint_rows_cannot_be_edited_in_place(blueprint):
     blueprint.refresh_from_db()
     blueprint.description = "descriptions may change"
     blueprint.save()
+
+
+def test_an_offset_past_what_the_database_addresses_is_a_400(api_client):
+    response = api_client.get(URL, {"offset": 2**63})
+    assert response.status_code == 400
+    assert "offset" in _error(response)["detail"]
+    assert api_client.get(URL, {"limit": 10**9}).status_code == 200
