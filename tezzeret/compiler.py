@@ -27,8 +27,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from tezzeret import _blocks
 from kasmina._artifact import KernelLoadError, load_kernel
+from tezzeret import _blocks
 from tezzeret.ir import IRError, Signature, param_count, parse_signature, resolve
 from tezzeret.version import COMPILER_VERSION
 
