@@ -32,3 +32,72 @@ def save(name: str, payload: dict) -> Path:
     path = RESULTS / f"{name}.json"
     path.write_text(json.dumps({**payload, "machine": machine()}, indent=2) + "\n")
     return path
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class EmbeddedServer:
+    """`manage.py serve` in a child process with its own ESPER_HOME: the embedded default.
+
+    With `ESPER_URL` (and `ESPER_TOKEN`) set, the benchmark uses that server instead.
+    """
+
+    def __init__(self) -> None:
+        import os
+
+        self.url = os.environ.get("ESPER_URL")
+        self.token = os.environ.get("ESPER_TOKEN")
+        self._proc = None
+        self._home = None
+
+    def __enter__(self) -> EmbeddedServer:
+        if self.url:
+            return self
+        import os
+        import subprocess
+        import sys
+        import tempfile
+        import urllib.request
+
+        root = Path(__file__).resolve().parent.parent
+        self._home = tempfile.TemporaryDirectory(prefix="esper-bench-")
+        env = {k: v for k, v in os.environ.items() if k not in ("DATABASE_URL", "CELERY_BROKER_URL")}
+        env["ESPER_HOME"] = self._home.name
+        manage = [sys.executable, str(root / "manage.py")]
+        subprocess.run([*manage, "migrate", "--no-input"], env=env, check=True, cwd=root,
+                       stdout=subprocess.DEVNULL)
+        self.token = subprocess.run(
+            [*manage, "esper_token", "bench", "--create"], env=env, check=True, cwd=root,
+            capture_output=True, text=True,
+        ).stdout.strip()
+        port = free_port()
+        self.url = f"http://127.0.0.1:{port}"
+        self._log = open(Path(self._home.name) / "server.log", "wb")  # noqa: SIM115
+        self._proc = subprocess.Popen(
+            [*manage, "serve", f"127.0.0.1:{port}"], env=env, cwd=root,
+            stdout=self._log, stderr=subprocess.STDOUT,
+        )
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            try:
+                with urllib.request.urlopen(f"{self.url}/healthz", timeout=2) as r:
+                    if r.status == 200:
+                        return self
+            except OSError:
+                time.sleep(0.5)
+        self.__exit__(None, None, None)
+        raise RuntimeError("embedded server did not become healthy within 120 s")
+
+    def __exit__(self, *exc) -> None:
+        if self._proc is not None:
+            self._proc.terminate()
+            self._proc.wait(timeout=30)
+            self._log.close()
+        if self._home is not None:
+            self._home.cleanup()

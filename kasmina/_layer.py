@@ -1,0 +1,228 @@
+"""The seed layer: a host module plus seed slots, with a one-check dormant fast path.
+
+Per-seed state is a structure of arrays registered as buffers (so it is in `state_dict`)
+and mirrored in plain Python lists: the forward pass decides what to do from the mirror
+and never reads a device tensor. α enters the computation as a tensor (no sync, and no
+recompiles under `torch.compile` when it changes).
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+
+import torch
+from torch import nn
+
+from kasmina.lifecycle import GRAFTED_STAGES, Stage, check_transition
+
+__all__ = ["SeedLayer", "host_signature", "kernel_id_from_tensor", "kernel_id_to_tensor"]
+
+_MASK64 = (1 << 64) - 1
+
+
+def kernel_id_to_tensor(kernel_id: str | None) -> torch.Tensor:
+    """A UUID as two int64 (hi, lo); zeros for none."""
+    if kernel_id is None:
+        return torch.zeros(2, dtype=torch.int64)
+    value = uuid.UUID(str(kernel_id)).int
+    halves = [(value >> 64) & _MASK64, value & _MASK64]
+    return torch.tensor([h - (1 << 64) if h >= 1 << 63 else h for h in halves], dtype=torch.int64)
+
+
+def kernel_id_from_tensor(t: torch.Tensor) -> str | None:
+    hi, lo = (int(v) & _MASK64 for v in t.tolist())
+    value = (hi << 64) | lo
+    return None if value == 0 else str(uuid.UUID(int=value))
+
+
+def host_signature(host: nn.Module) -> dict:
+    """Layout and dims of a host layer, as a kernel signature needs them (no graft, no dtype)."""
+    if isinstance(host, nn.Linear):
+        return {"layout": "features", "in": host.in_features, "out": host.out_features}
+    if isinstance(host, nn.Conv2d):
+        return {"layout": "channels", "in": host.in_channels, "out": host.out_channels}
+    raise ValueError(
+        f"cannot host seeds in a {type(host).__name__}: seed layers wrap nn.Linear "
+        "(features layout) and nn.Conv2d (channels layout)"
+    )
+
+
+class SeedLayer(nn.Module):
+    """`host(x)` plus, per live seed, `α·s(h)` (residual graft) or `α·s(x)` (parallel graft)."""
+
+    def __init__(self, host: nn.Module, *, layer_name: str, num_seeds: int = 1) -> None:
+        super().__init__()
+        if num_seeds < 1:
+            raise ValueError(f"seeds_per_layer must be at least 1, got {num_seeds}")
+        self.host = host
+        self.layer_name = layer_name
+        self.num_seeds = num_seeds
+        self.signature = host_signature(host)
+        self.seeds = nn.ModuleDict()
+        n = num_seeds
+        self.register_buffer("seed_stage", torch.zeros(n, dtype=torch.int64))
+        self.register_buffer("seed_alpha", torch.zeros(n, dtype=torch.float32))
+        self.register_buffer("seed_kernel_id", torch.zeros(n, 2, dtype=torch.int64))
+        self.register_buffer("seed_graft", torch.zeros(n, dtype=torch.int64))  # 0 residual, 1 parallel
+        self.register_buffer("seed_health_ema", torch.zeros(n, dtype=torch.float32))
+        self.register_buffer("seed_latency_us", torch.zeros(n, dtype=torch.float32))
+        self.register_buffer("seed_error_count", torch.zeros(n, dtype=torch.int32))
+        self.register_buffer("seed_fallback", torch.zeros(n, dtype=torch.bool))
+        # Host-side mirror: what the forward pass reads.
+        self.stages: list[Stage] = [Stage.DORMANT] * n
+        self.alphas: list[float] = [0.0] * n
+        self.kernel_ids: list[str | None] = [None] * n
+        self.grafts: list[str | None] = [None] * n
+        self.error_counts: list[int] = [0] * n
+        self.latency_us: list[float] = [0.0] * n
+        self._live: tuple[int, ...] = ()
+        self._active = False  # the dormant fast path's one check
+        self._sample = False
+        self.forward_count = 0
+        self.guard_nonfinite = True
+        self._telemetry: dict[str, torch.Tensor] = {}
+        self._latency_pending: list[tuple[int, float]] = []
+
+    # -- forward -------------------------------------------------------------------------
+    def forward(self, *args, **kwargs):
+        h = self.host(*args, **kwargs)
+        if not self._active:
+            return h
+        return self._morph(args[0] if args else next(iter(kwargs.values())), h)
+
+    def _morph(self, x: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+        self.forward_count += 1
+        sample = self._sample
+        if sample:
+            self._sample = False
+            self._record_activation(h)
+            self._active = bool(self._live)
+        out = h
+        for i in self._live:
+            seed = self.seeds[str(i)]
+            training = self.stages[i] is Stage.TRAINING
+            inp = x if self.grafts[i] == "parallel" else h
+            if training:
+                inp = inp.detach()  # the host is untouched while the seed incubates
+            if sample and h.device.type == "cpu":
+                started = time.perf_counter()
+                s = seed(inp)
+                self._latency_pending.append((i, (time.perf_counter() - started) * 1e6))
+            else:
+                s = seed(inp)
+            if self.guard_nonfinite:
+                finite = torch.isfinite(s).all()
+                s = torch.where(finite, s, torch.zeros_like(s))
+                self.seed_fallback[i] |= ~finite
+            if sample:
+                with torch.no_grad():
+                    ratio = s.detach().float().norm() / (h.detach().float().norm() + 1e-12)
+                    self.seed_health_ema[i].mul_(0.9).add_(0.1 * ratio)
+            if training:
+                out = out + (s - s.detach())
+            else:
+                out = out + self.seed_alpha[i].to(s.dtype) * s
+        return out
+
+    @torch.no_grad()
+    def _record_activation(self, h: torch.Tensor) -> None:
+        h = h.detach().float()
+        units = h.transpose(0, 1).reshape(h.shape[1], -1) if h.dim() > 2 else h.t()
+        self._telemetry["activation"] = torch.stack(
+            [h.mean(), h.std() if h.numel() > 1 else h.new_zeros(()), (units <= 0).all(dim=1).float().mean()]
+        )
+
+    # -- control (called between steps, never from forward) ------------------------------
+    def request_sample(self) -> None:
+        """Record telemetry on the next forward."""
+        self._sample = True
+        self._active = True
+
+    def refresh(self) -> None:
+        """Recompute the live set and the fast-path flag from the mirror."""
+        self._live = tuple(
+            i for i, s in enumerate(self.stages) if s in GRAFTED_STAGES and str(i) in self.seeds
+        )
+        self._active = bool(self._live) or self._sample
+
+    def check_index(self, seed_idx: int) -> int:
+        if not isinstance(seed_idx, int) or not 0 <= seed_idx < self.num_seeds:
+            raise ValueError(
+                f"layer {self.layer_name!r} has seeds 0..{self.num_seeds - 1}; got {seed_idx!r}"
+            )
+        return seed_idx
+
+    def transition(self, seed_idx: int, target: Stage) -> None:
+        check_transition(self.stages[seed_idx], target, where=f"{self.layer_name}[{seed_idx}]")
+        self.stages[seed_idx] = target
+        self.seed_stage[seed_idx] = int(target)
+        if target is Stage.FOSSILIZED:
+            self.set_alpha(seed_idx, 1.0)
+        self.refresh()
+
+    def set_alpha(self, seed_idx: int, alpha: float) -> None:
+        alpha = float(alpha)
+        if not 0.0 <= alpha <= 1.0:
+            raise ValueError(f"alpha must be within [0, 1], got {alpha}")
+        self.alphas[seed_idx] = alpha
+        self.seed_alpha[seed_idx] = alpha
+
+    def graft(self, seed_idx: int, module: nn.Module, *, kernel_id: str, graft: str) -> None:
+        """Install a loaded kernel in a LOADING seed and start it TRAINING."""
+        if self.stages[seed_idx] is not Stage.LOADING:
+            raise ValueError(
+                f"{self.layer_name}[{seed_idx}] is {self.stages[seed_idx].name}; a kernel is "
+                "grafted into a LOADING seed"
+            )
+        self.seeds[str(seed_idx)] = module
+        self.kernel_ids[seed_idx] = kernel_id
+        self.seed_kernel_id[seed_idx] = kernel_id_to_tensor(kernel_id).to(self.seed_kernel_id.device)
+        self.grafts[seed_idx] = graft
+        self.seed_graft[seed_idx] = 1 if graft == "parallel" else 0
+        self.seed_fallback[seed_idx] = False
+        self.set_alpha(seed_idx, 0.0)
+        self.transition(seed_idx, Stage.TRAINING)
+
+    def remove_seed(self, seed_idx: int) -> None:
+        """Drop the seed module: the layer's output is the host's again, exactly."""
+        self.seeds.pop(str(seed_idx), None)
+        self.set_alpha(seed_idx, 0.0)
+        self.refresh()
+
+    def reset_seed(self, seed_idx: int) -> None:
+        """Forget the kernel (EMBARGOED → DORMANT)."""
+        self.kernel_ids[seed_idx] = None
+        self.grafts[seed_idx] = None
+        self.seed_kernel_id[seed_idx] = 0
+        self.seed_fallback[seed_idx] = False
+
+    def record_error(self, seed_idx: int) -> int:
+        self.error_counts[seed_idx] += 1
+        self.seed_error_count[seed_idx] = self.error_counts[seed_idx]
+        return self.error_counts[seed_idx]
+
+    def sync_mirror(self) -> None:
+        """Rebuild the host-side mirror from the buffers (after `load_state_dict`)."""
+        self.stages = [Stage(int(v)) for v in self.seed_stage.tolist()]
+        self.alphas = [float(v) for v in self.seed_alpha.tolist()]
+        self.kernel_ids = [kernel_id_from_tensor(row) for row in self.seed_kernel_id]
+        self.grafts = [
+            None if k is None else ("parallel" if g else "residual")
+            for k, g in zip(self.kernel_ids, self.seed_graft.tolist(), strict=True)
+        ]
+        self.error_counts = [int(v) for v in self.seed_error_count.tolist()]
+        self.latency_us = [float(v) for v in self.seed_latency_us.tolist()]
+        self.refresh()
+
+    def flush_latency(self) -> None:
+        """Fold latencies measured on sampled forwards into an EMA (mirror and buffer)."""
+        for i, us in self._latency_pending:
+            prev = self.latency_us[i]
+            self.latency_us[i] = us if prev == 0.0 else 0.8 * prev + 0.2 * us
+            self.seed_latency_us[i] = self.latency_us[i]
+        self._latency_pending.clear()
+
+    def extra_repr(self) -> str:
+        sig = self.signature
+        return f"{self.layer_name!r}, {sig['layout']} {sig['in']}→{sig['out']}, seeds={self.num_seeds}"

@@ -1,0 +1,502 @@
+"""`wrap()` and `MorphableModel`: a copy of the caller's model whose target layers host seeds."""
+
+from __future__ import annotations
+
+import copy
+import logging
+import time
+from collections import Counter, deque
+from collections.abc import Iterable, Mapping
+from concurrent.futures import Future
+
+import torch
+from torch import nn
+
+from kasmina._layer import SeedLayer, host_signature, kernel_id_from_tensor
+from kasmina.errors import KasminaError
+from kasmina.lifecycle import GRAFTED_STAGES, Stage, alpha_schedule
+
+__all__ = ["MorphableModel", "wrap"]
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_TARGET = (nn.Linear, nn.Conv2d)
+Key = tuple[str, int]
+
+
+def _select_targets(model: nn.Module, target) -> list[tuple[str, nn.Module]]:
+    named = [(n, m) for n, m in model.named_modules() if n]
+    if isinstance(target, type) or (
+        isinstance(target, tuple) and all(isinstance(t, type) for t in target)
+    ):
+        chosen = [(n, m) for n, m in named if isinstance(m, target)]
+    else:
+        if isinstance(target, str):
+            target = [target]
+        index = dict(named)
+        chosen = []
+        for name in target:
+            if name not in index:
+                candidates = [n for n, m in named if isinstance(m, DEFAULT_TARGET)]
+                raise ValueError(
+                    f"model has no module named {name!r}; layers that can host seeds: "
+                    + ", ".join(candidates)
+                )
+            host_signature(index[name])
+            chosen.append((name, index[name]))
+    if not chosen:
+        raise ValueError(f"no module of the model matches target={target!r}")
+    return chosen
+
+
+class MorphableModel(nn.Module):
+    """A model whose target layers host dormant seeds; see `wrap`."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        target=DEFAULT_TARGET,
+        seeds_per_layer: int = 1,
+        loader=None,
+        telemetry_every: int = 0,
+        blend_steps: int = 100,
+        blend_schedule: str = "linear",
+        embargo_steps: int = 100,
+        max_failures: int = 3,
+    ) -> None:
+        super().__init__()
+        alpha_schedule(0, 1, blend_schedule)  # fail early on an unknown schedule
+        self.model = copy.deepcopy(model)
+        self.loader = loader
+        self.telemetry_every = int(telemetry_every)
+        self.blend_steps = int(blend_steps)
+        self.blend_schedule = blend_schedule
+        self.embargo_steps = int(embargo_steps)
+        self.max_failures = int(max_failures)
+        self._layers: dict[str, SeedLayer] = {}
+        by_id: dict[int, SeedLayer] = {}
+        for name, module in _select_targets(self.model, target):
+            by_id[id(module)] = SeedLayer(module, layer_name=name, num_seeds=seeds_per_layer)
+            self._layers[name] = by_id[id(module)]
+        # Replace every reference, so a layer shared by two parents stays shared.
+        for parent in list(self.model.modules()):
+            for attr, child in list(parent.named_children()):
+                if id(child) in by_id and not isinstance(parent, SeedLayer):
+                    setattr(parent, attr, by_id[id(child)])
+        self.steps = 0
+        self.events: deque[dict] = deque(maxlen=10_000)
+        self._pending: dict[Key, Future] = {}
+        self._retry_at: dict[Key, float] = {}
+        self._blend_start: dict[Key, int] = {}
+        self._embargo_until: dict[Key, int] = {}
+        self._stage_since: dict[Key, int] = {}
+        self._grad_norms: dict[str, torch.Tensor] = {}
+
+    def forward(self, *args, **kwargs):
+        return self.model(*args, **kwargs)
+
+    # -- lookup --------------------------------------------------------------------------
+    @property
+    def seed_layers(self) -> dict[str, SeedLayer]:
+        return dict(self._layers)
+
+    def layer(self, layer_name: str) -> SeedLayer:
+        try:
+            return self._layers[layer_name]
+        except KeyError:
+            raise ValueError(
+                f"no seed layer {layer_name!r}; seed layers: {', '.join(self._layers)}"
+            ) from None
+
+    def _seed(self, layer_name: str, seed_idx: int) -> tuple[SeedLayer, int]:
+        layer = self.layer(layer_name)
+        return layer, layer.check_index(seed_idx)
+
+    def seed_parameters(self, layer_name: str | None = None, seed_idx: int | None = None):
+        """Parameters of grafted seeds (all, one layer's, or one seed's)."""
+        layers = [self.layer(layer_name)] if layer_name is not None else self._layers.values()
+        params = []
+        for layer in layers:
+            for key, module in layer.seeds.items():
+                if seed_idx is None or key == str(seed_idx):
+                    params.extend(p for p in module.parameters() if p.requires_grad)
+        return params
+
+    # -- lifecycle -----------------------------------------------------------------------
+    def _move(self, layer: SeedLayer, idx: int, target: Stage, reason: str = "") -> None:
+        before = layer.stages[idx]
+        layer.transition(idx, target)
+        key = (layer.layer_name, idx)
+        self._stage_since[key] = self.steps
+        self.events.append(
+            {"step": self.steps, "layer": layer.layer_name, "seed": idx,
+             "from": before.name, "to": target.name, "kernel": layer.kernel_ids[idx],
+             "reason": reason}
+        )
+        if target is Stage.BLENDING:
+            self._blend_start[key] = self.steps
+        elif target is Stage.CULLED:
+            self._drop(layer, idx)
+        elif target is Stage.EMBARGOED:
+            self._embargo_until[key] = self.steps + self.embargo_steps
+        elif target is Stage.DORMANT:
+            layer.reset_seed(idx)
+
+    def _drop(self, layer: SeedLayer, idx: int) -> None:
+        key = (layer.layer_name, idx)
+        future = self._pending.pop(key, None)
+        if future is not None:
+            future.cancel()
+        self._retry_at.pop(key, None)
+        self._blend_start.pop(key, None)
+        layer.remove_seed(idx)
+
+    def advance(self, layer_name: str, seed_idx: int, stage: Stage | str, reason: str = "") -> None:
+        """Move a seed to `stage` (raises `IllegalTransition` for a move the lifecycle forbids)."""
+        layer, idx = self._seed(layer_name, seed_idx)
+        stage = Stage[stage] if isinstance(stage, str) else Stage(stage)
+        if stage in (Stage.LOADING, Stage.TRAINING) and layer.stages[idx] is not Stage.ERROR_RECOVERY:
+            raise ValueError("use load_kernel()/germinate() to load a kernel into a seed")
+        self._move(layer, idx, stage, reason)
+
+    def germinate(self, layer_name: str, seed_idx: int, kernel_id: str) -> None:
+        """Reserve a dormant seed for `kernel_id` (it may still be compiling): DORMANT → GERMINATED."""
+        layer, idx = self._seed(layer_name, seed_idx)
+        self._require_dormant(layer, idx)
+        layer.kernel_ids[idx] = str(kernel_id)
+        self._move(layer, idx, Stage.GERMINATED, "germinate")
+
+    def begin_load(self, layer_name: str, seed_idx: int) -> None:
+        """Fetch a germinated seed's kernel on the background thread: GERMINATED → LOADING."""
+        layer, idx = self._seed(layer_name, seed_idx)
+        self._move(layer, idx, Stage.LOADING, "kernel ready")
+        self._submit(layer, idx)
+
+    def _require_dormant(self, layer: SeedLayer, idx: int) -> None:
+        if layer.stages[idx] is not Stage.DORMANT:
+            free = [i for i, s in enumerate(layer.stages) if s is Stage.DORMANT]
+            raise ValueError(
+                f"{layer.layer_name}[{idx}] is {layer.stages[idx].name}, not DORMANT; "
+                f"dormant seeds of this layer: {free or 'none'}"
+            )
+
+    def _require_loader(self):
+        if self.loader is None:
+            raise ValueError(
+                "this model has no kernel loader: wrap(model, client=EsperClient(...)) "
+                "or pass loader=KernelLoader(...)"
+            )
+        return self.loader
+
+    def load_kernel(self, layer_name: str, seed_idx: int, kernel_id: str, *, optimizer=None) -> Stage:
+        """Fetch, verify and graft a kernel now (→ TRAINING).
+
+        A kernel that does not fit the layer raises `ValueError` and the seed stays DORMANT.
+        A registry or artifact failure does not raise: the seed goes to ERROR_RECOVERY and
+        `step()` retries with backoff. Returns the seed's stage.
+        """
+        layer, idx = self._seed(layer_name, seed_idx)
+        self._require_dormant(layer, idx)
+        loader = self._require_loader()
+        layer.kernel_ids[idx] = str(kernel_id)
+        try:
+            loaded = loader.fetch(str(kernel_id))
+        except KasminaError as exc:
+            self._move(layer, idx, Stage.GERMINATED, "load_kernel")
+            self._move(layer, idx, Stage.LOADING, "load_kernel")
+            self._fail(layer, idx, f"load failed: {exc}")
+            return layer.stages[idx]
+        module = self._fit(layer, idx, loaded)
+        self._move(layer, idx, Stage.GERMINATED, "load_kernel")
+        self._move(layer, idx, Stage.LOADING, "load_kernel")
+        self._install(layer, idx, loaded, module, optimizer)
+        return layer.stages[idx]
+
+    def unload_kernel(self, layer_name: str, seed_idx: int, *, optimizer=None) -> None:
+        """Cull a seed: its module is removed and the layer's output is the host's, exactly."""
+        layer, idx = self._seed(layer_name, seed_idx)
+        params = self.seed_parameters(layer_name, idx)
+        self._move(layer, idx, Stage.CULLED, "unload_kernel")
+        if optimizer is not None:
+            _optimizer_remove(optimizer, params)
+
+    def set_alpha(self, layer_name: str, seed_idx: int, alpha: float) -> None:
+        layer, idx = self._seed(layer_name, seed_idx)
+        if layer.stages[idx] not in (Stage.BLENDING, Stage.PROBATION):
+            raise ValueError(
+                f"{layer_name}[{idx}] is {layer.stages[idx].name}; α applies to BLENDING and "
+                "PROBATION seeds (advance a TRAINING seed to BLENDING first)"
+            )
+        self._blend_start.pop((layer_name, idx), None)  # manual α overrides the ramp
+        layer.set_alpha(idx, alpha)
+
+    def _fit(self, layer: SeedLayer, idx: int, loaded) -> nn.Module:
+        sig, want = loaded.signature, layer.signature
+        if (sig.get("layout"), sig.get("in"), sig.get("out")) != (want["layout"], want["in"], want["out"]) or sig.get("graft") not in ("residual", "parallel"):
+            raise ValueError(
+                f"kernel {loaded.kernel_id} ({sig.get('graft')}/{sig.get('layout')} "
+                f"{sig.get('in')}→{sig.get('out')}) does not fit layer {layer.layer_name!r} "
+                f"({type(layer.host).__name__}, {want['layout']} {want['in']}→{want['out']}); "
+                f"request a kernel with signature "
+                f"{{'layout': '{want['layout']}', 'in': {want['in']}, 'out': {want['out']}}}"
+            )
+        weight = next(layer.host.parameters())
+        module = loaded.module.to(device=weight.device, dtype=weight.dtype)
+        with torch.no_grad():
+            x = (
+                weight.new_zeros(2, want["in"])
+                if want["layout"] == "features"
+                else weight.new_zeros(2, want["in"], 8, 8)
+            )
+            h = layer.host(x)
+            was_training = module.training
+            module.eval()
+            try:
+                s = module(x if sig["graft"] == "parallel" else h)
+            except Exception as exc:
+                raise ValueError(
+                    f"kernel {loaded.kernel_id} failed its shape probe on layer "
+                    f"{layer.layer_name!r}: {exc}"
+                ) from exc
+            finally:
+                module.train(was_training)
+        if s.shape != h.shape:
+            raise ValueError(
+                f"kernel {loaded.kernel_id} outputs {tuple(s.shape)} where layer "
+                f"{layer.layer_name!r} outputs {tuple(h.shape)}"
+            )
+        return module
+
+    def _install(self, layer: SeedLayer, idx: int, loaded, module: nn.Module, optimizer) -> None:
+        layer.graft(idx, module, kernel_id=loaded.kernel_id, graft=loaded.signature["graft"])
+        key = (layer.layer_name, idx)
+        self._stage_since[key] = self.steps
+        self._retry_at.pop(key, None)
+        self.events.append(
+            {"step": self.steps, "layer": layer.layer_name, "seed": idx, "from": "LOADING",
+             "to": "TRAINING", "kernel": loaded.kernel_id, "reason": "grafted"}
+        )
+        if optimizer is not None:
+            optimizer.add_param_group({"params": self.seed_parameters(layer.layer_name, idx)})
+
+    def _fail(self, layer: SeedLayer, idx: int, reason: str) -> None:
+        """A seed failed: host output in use; retried with backoff, culled after repeats."""
+        errors = layer.record_error(idx)
+        layer.remove_seed(idx)
+        logger.warning("seed failed", extra={"layer": layer.layer_name, "seed": idx, "error": reason})
+        if layer.stages[idx] is Stage.FOSSILIZED:
+            self._move(layer, idx, Stage.CULLED, f"fossilized seed failed: {reason}")
+            return
+        if layer.stages[idx] is not Stage.ERROR_RECOVERY:
+            self._move(layer, idx, Stage.ERROR_RECOVERY, reason)
+        kernel_id = layer.kernel_ids[idx]
+        breaker_open = (
+            self.loader is not None
+            and kernel_id is not None
+            and self.loader.failures(kernel_id) >= self.max_failures
+        )
+        if errors >= self.max_failures or breaker_open:
+            self._move(layer, idx, Stage.CULLED, f"culled after {errors} failures: {reason}")
+            return
+        retry_at = time.monotonic() + min(60.0, 0.5 * 2 ** (errors - 1))
+        if self.loader is not None and kernel_id is not None:
+            retry_at = max(retry_at, self.loader.next_retry_at(kernel_id))
+        self._retry_at[(layer.layer_name, idx)] = retry_at
+
+    def _submit(self, layer: SeedLayer, idx: int) -> None:
+        self._pending[(layer.layer_name, idx)] = self._require_loader().submit(layer.kernel_ids[idx])
+
+    # -- per training step ---------------------------------------------------------------
+    def step(self) -> None:
+        """Advance lifecycles by one training step; call it after `optimizer.step()`.
+
+        Grafts kernels whose background fetch finished, retries failed seeds, ramps α,
+        moves nonfinite seeds to ERROR_RECOVERY, ends embargoes and schedules telemetry.
+        Never waits on the network.
+        """
+        self.steps += 1
+        self._poll_pending()
+        self._check_nonfinite()
+        now = time.monotonic()
+        for layer in self._layers.values():
+            for idx, stage in enumerate(layer.stages):
+                key = (layer.layer_name, idx)
+                if stage is Stage.ERROR_RECOVERY and key in self._retry_at and now >= self._retry_at[key]:
+                    del self._retry_at[key]
+                    self._move(layer, idx, Stage.LOADING, "retry")
+                    self._submit(layer, idx)
+                elif stage is Stage.BLENDING and key in self._blend_start:
+                    done = self.steps - self._blend_start[key]
+                    layer.set_alpha(idx, alpha_schedule(done, self.blend_steps, self.blend_schedule))
+                    if done >= self.blend_steps:
+                        self._move(layer, idx, Stage.PROBATION, "blend complete")
+                elif stage is Stage.CULLED:
+                    self._move(layer, idx, Stage.EMBARGOED, "embargo")
+                elif stage is Stage.EMBARGOED and self.steps >= self._embargo_until.get(key, 0):
+                    self._move(layer, idx, Stage.DORMANT, "embargo over")
+            layer.flush_latency()
+        if self.telemetry_every and self.steps % self.telemetry_every == 0:
+            self._sample_gradients()
+            for layer in self._layers.values():
+                layer.request_sample()
+
+    def _poll_pending(self) -> None:
+        for key, future in list(self._pending.items()):
+            if not future.done():
+                continue
+            del self._pending[key]
+            layer, idx = self._layers[key[0]], key[1]
+            if layer.stages[idx] is not Stage.LOADING:
+                continue
+            try:
+                loaded = future.result()
+                module = self._fit(layer, idx, loaded)
+            except (KasminaError, ValueError) as exc:
+                self._fail(layer, idx, f"load failed: {exc}")
+                continue
+            self._install(layer, idx, loaded, module, optimizer=None)
+
+    def _check_nonfinite(self) -> None:
+        live = [(layer, i) for layer in self._layers.values() for i in layer._live]
+        if not live:
+            return
+        flags = torch.stack([layer.seed_fallback[i] for layer, i in live]).tolist()
+        for (layer, idx), bad in zip(live, flags, strict=True):
+            if bad:
+                self._fail(layer, idx, "non-finite seed output")
+
+    @torch.no_grad()
+    def _sample_gradients(self) -> None:
+        for name, layer in self._layers.items():
+            grads = [p.grad for p in layer.host.parameters() if p.grad is not None]
+            if grads:
+                self._grad_norms[name] = torch.linalg.vector_norm(
+                    torch.stack([torch.linalg.vector_norm(g.float()) for g in grads])
+                )
+
+    # -- introspection -------------------------------------------------------------------
+    def health(self) -> dict:
+        """Per-layer telemetry as plain data (this reads device tensors: call it between steps)."""
+        layers = []
+        for name, layer in self._layers.items():
+            act = layer._telemetry.get("activation")
+            act_values = act.tolist() if act is not None else None
+            grad = self._grad_norms.get(name)
+            layers.append(
+                {
+                    "name": name,
+                    "type": type(layer.host).__name__,
+                    **layer.signature,
+                    "params": sum(p.numel() for p in layer.host.parameters()),
+                    "activation": None if act_values is None else dict(
+                        zip(("mean", "std", "dead_fraction"), act_values, strict=True)
+                    ),
+                    "grad_norm": None if grad is None else float(grad),
+                    "seeds": [
+                        {
+                            "index": i,
+                            "stage": layer.stages[i].name,
+                            "alpha": layer.alphas[i],
+                            "kernel_id": layer.kernel_ids[i],
+                            "graft": layer.grafts[i],
+                            "latency_us": layer.latency_us[i],
+                            "health": float(layer.seed_health_ema[i]),
+                            "errors": layer.error_counts[i],
+                            "steps_in_stage": self.steps - self._stage_since.get((name, i), 0),
+                            "params": sum(p.numel() for p in layer.seeds[str(i)].parameters())
+                            if str(i) in layer.seeds else 0,
+                        }
+                        for i in range(layer.num_seeds)
+                    ],
+                }
+            )
+        return {"step": self.steps, "layers": layers}
+
+    def stats(self) -> dict:
+        layers = []
+        for name, layer in self._layers.items():
+            live = [layer.latency_us[i] for i in layer._live if layer.latency_us[i] > 0]
+            layers.append(
+                {
+                    "layer": name,
+                    "type": type(layer.host).__name__,
+                    "seeds_by_stage": dict(Counter(s.name for s in layer.stages)),
+                    "forward_count": layer.forward_count,
+                    "mean_latency_us": sum(live) / len(live) if live else None,
+                }
+            )
+        cache = getattr(self.loader, "cache", None)
+        return {"steps": self.steps, "layers": layers, "cache": cache.stats() if cache else None}
+
+    # -- checkpoints ---------------------------------------------------------------------
+    def load_state_dict(self, state_dict: Mapping[str, torch.Tensor], strict: bool = True, assign: bool = False):
+        """Load a checkpoint, fetching the kernels of its grafted seeds first."""
+        resume: list[tuple[SeedLayer, int]] = []
+        for name, layer in self._layers.items():
+            prefix = f"model.{name}."
+            if prefix + "seed_stage" not in state_dict:
+                continue
+            stages = [Stage(int(v)) for v in state_dict[prefix + "seed_stage"].tolist()]
+            ids = state_dict[prefix + "seed_kernel_id"]
+            for idx, stage in enumerate(stages):
+                self._drop(layer, idx)
+                kernel_id = _kernel_id(ids[idx])
+                if stage in GRAFTED_STAGES:
+                    loaded = self._require_loader().fetch(kernel_id)
+                    layer.seeds[str(idx)] = self._fit(layer, idx, loaded)
+                elif stage in (Stage.GERMINATED, Stage.LOADING, Stage.ERROR_RECOVERY):
+                    resume.append((layer, idx))
+        result = super().load_state_dict(state_dict, strict=strict, assign=assign)
+        for layer in self._layers.values():
+            layer.sync_mirror()
+        for layer, idx in resume:
+            if layer.stages[idx] is Stage.ERROR_RECOVERY:
+                self._retry_at[(layer.layer_name, idx)] = time.monotonic()
+            elif layer.stages[idx] is Stage.LOADING:
+                self._submit(layer, idx)
+        return result
+
+
+def _kernel_id(row: torch.Tensor) -> str:
+    kernel_id = kernel_id_from_tensor(row)
+    if kernel_id is None:
+        raise KasminaError("checkpoint has a grafted seed without a kernel id")
+    return kernel_id
+
+
+def _optimizer_remove(optimizer: torch.optim.Optimizer, params: Iterable[nn.Parameter]) -> None:
+    drop = {id(p) for p in params}
+    for group in optimizer.param_groups:
+        group["params"] = [p for p in group["params"] if id(p) not in drop]
+    for p in list(optimizer.state):
+        if id(p) in drop:
+            del optimizer.state[p]
+    optimizer.param_groups[:] = [g for g in optimizer.param_groups if g["params"]]
+
+
+def wrap(
+    model: nn.Module,
+    target=DEFAULT_TARGET,
+    seeds_per_layer: int = 1,
+    *,
+    client=None,
+    cache=None,
+    loader=None,
+    **options,
+) -> MorphableModel:
+    """Wrap a copy of `model`: every layer matching `target` (types, or qualified names) hosts
+    `seeds_per_layer` dormant seeds. Outputs equal the original's while all seeds are dormant.
+
+    `client` (an `EsperClient`) lets seeds load kernels from the registry; `cache` is a
+    `KernelCache` (an in-memory one by default). Other options: `telemetry_every`,
+    `blend_steps`, `blend_schedule` ('linear' | 'cosine'), `embargo_steps`, `max_failures`.
+    """
+    if loader is None and client is not None:
+        from kasmina.cache import KernelCache
+        from kasmina.loader import KernelLoader
+
+        loader = KernelLoader(client, cache if cache is not None else KernelCache())
+    return MorphableModel(
+        model, target=target, seeds_per_layer=seeds_per_layer, loader=loader, **options
+    )

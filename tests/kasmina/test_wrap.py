@@ -1,0 +1,147 @@
+"""wrap(): targets, no mutation of the caller's model, exact outputs while dormant."""
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from kasmina import MorphableModel, SeedLayer, wrap
+
+pytestmark = pytest.mark.fast
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+
+
+class Block(nn.Module):
+    def __init__(self, shared: nn.Linear):
+        super().__init__()
+        self.inner = nn.Sequential(nn.Linear(16, 16), nn.GELU())
+        self.shared = shared
+
+    def forward(self, x):
+        return self.shared(self.inner(x)) + x
+
+
+class Nested(nn.Module):
+    """Nested submodules, and one Linear shared by two blocks."""
+
+    def __init__(self):
+        super().__init__()
+        shared = nn.Linear(16, 16)
+        self.stem = nn.Linear(8, 16)
+        self.blocks = nn.ModuleList([Block(shared), Block(shared)])
+        self.head = nn.Linear(16, 3)
+
+    def forward(self, x):
+        x = self.stem(x)
+        for block in self.blocks:
+            x = block(x)
+        return self.head(x)
+
+
+def _cnn():
+    return nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 4),
+    )
+
+
+@pytest.mark.parametrize(
+    "make, x",
+    [
+        (lambda: nn.Sequential(nn.Linear(10, 32), nn.ReLU(), nn.Linear(32, 5)), torch.randn(6, 10)),
+        (_cnn, torch.randn(2, 3, 12, 12)),
+        (Nested, torch.randn(5, 8)),
+    ],
+    ids=["mlp", "cnn", "nested-shared"],
+)
+def test_dormant_outputs_and_gradients_equal_the_original_exactly(make, x):
+    model = make()
+    wrapped = wrap(model, seeds_per_layer=2)
+    assert torch.equal(wrapped(x), model(x))
+    model(x).sum().backward()
+    wrapped(x).sum().backward()
+    originals = dict(model.named_parameters())
+    for name, p in wrapped.named_parameters():
+        plain = name.removeprefix("model.").replace(".host.", ".")
+        assert torch.equal(p.grad, originals[plain].grad), name
+
+
+def test_the_callers_model_is_not_mutated():
+    model = Nested()
+    before = copy.deepcopy(model.state_dict())
+    modules_before = [type(m) for m in model.modules()]
+    wrapped = wrap(model)
+    assert [type(m) for m in model.modules()] == modules_before
+    with torch.no_grad():
+        for p in wrapped.parameters():
+            p.add_(1.0)
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, before[key])
+
+
+def test_a_shared_layer_becomes_one_shared_seed_layer():
+    wrapped = wrap(Nested())
+    blocks = wrapped.model.blocks
+    assert isinstance(blocks[0].shared, SeedLayer)
+    assert blocks[0].shared is blocks[1].shared
+    assert sorted(wrapped.seed_layers) == [
+        "blocks.0.inner.0", "blocks.0.shared", "blocks.1.inner.0", "head", "stem"
+    ]
+
+
+def test_targets_by_type_and_by_name():
+    model = _cnn()
+    convs = wrap(model, target=nn.Conv2d)
+    assert list(convs.seed_layers) == ["0", "2"]
+    named = wrap(model, target=["5"])
+    assert list(named.seed_layers) == ["5"]
+    assert named.layer("5").signature == {"layout": "features", "in": 8, "out": 4}
+    assert convs.layer("2").signature == {"layout": "channels", "in": 8, "out": 8}
+
+
+def test_unknown_layer_name_says_which_layers_exist():
+    with pytest.raises(ValueError, match="layers that can host seeds: 0, 2"):
+        wrap(nn.Sequential(nn.Linear(2, 2), nn.ReLU(), nn.Linear(2, 2)), target=["fc9"])
+
+
+def test_a_name_that_is_not_linear_or_conv_is_refused():
+    with pytest.raises(ValueError, match="nn.Linear"):
+        wrap(nn.Sequential(nn.Linear(2, 2), nn.ReLU()), target=["1"])
+
+
+def test_wrong_seed_index_and_unknown_layer_are_value_errors():
+    wrapped = wrap(nn.Sequential(nn.Linear(4, 4)), seeds_per_layer=2)
+    with pytest.raises(ValueError, match="seeds 0..1"):
+        wrapped.unload_kernel("0", 2)
+    with pytest.raises(ValueError, match="seed layers: 0"):
+        wrapped.layer("decoder")
+
+
+def test_loading_without_a_registry_says_how_to_configure_one():
+    wrapped = wrap(nn.Sequential(nn.Linear(4, 4)))
+    with pytest.raises(ValueError, match="EsperClient"):
+        wrapped.load_kernel("0", 0, "00000000-0000-0000-0000-000000000001")
+
+
+def test_wrapped_model_is_a_module_with_state():
+    wrapped = wrap(nn.Sequential(nn.Linear(4, 4)), seeds_per_layer=3)
+    assert isinstance(wrapped, MorphableModel)
+    state = wrapped.state_dict()
+    assert state["model.0.seed_stage"].tolist() == [0, 0, 0]
+    assert state["model.0.seed_kernel_id"].shape == (3, 2)
+
+
+def test_dormant_wrapped_mlp_compiles_without_graph_breaks():
+    model = nn.Sequential(nn.Linear(784, 512), nn.ReLU(), nn.Linear(512, 512), nn.ReLU(),
+                          nn.Linear(512, 10))
+    wrapped = wrap(model)
+    x = torch.randn(32, 784)
+    compiled = torch.compile(wrapped, fullgraph=True, backend="aot_eager")
+    torch.testing.assert_close(compiled(x), model(x))
+    explanation = torch._dynamo.explain(wrapped)(x)
+    assert explanation.graph_break_count == 0
