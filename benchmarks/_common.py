@@ -67,21 +67,35 @@ class EmbeddedServer:
 
         root = Path(__file__).resolve().parent.parent
         self._home = tempfile.TemporaryDirectory(prefix="esper-bench-")
-        env = {k: v for k, v in os.environ.items() if k not in ("DATABASE_URL", "CELERY_BROKER_URL")}
+        env = {
+            k: v for k, v in os.environ.items() if k not in ("DATABASE_URL", "CELERY_BROKER_URL")
+        }
         env["ESPER_HOME"] = self._home.name
         manage = [sys.executable, str(root / "manage.py")]
-        subprocess.run([*manage, "migrate", "--no-input"], env=env, check=True, cwd=root,
-                       stdout=subprocess.DEVNULL)
+        subprocess.run(
+            [*manage, "migrate", "--no-input"],
+            env=env,
+            check=True,
+            cwd=root,
+            stdout=subprocess.DEVNULL,
+        )
         self.token = subprocess.run(
-            [*manage, "esper_token", "bench", "--create"], env=env, check=True, cwd=root,
-            capture_output=True, text=True,
+            [*manage, "esper_token", "bench", "--create"],
+            env=env,
+            check=True,
+            cwd=root,
+            capture_output=True,
+            text=True,
         ).stdout.strip()
         port = free_port()
         self.url = f"http://127.0.0.1:{port}"
         self._log = open(Path(self._home.name) / "server.log", "wb")  # noqa: SIM115
         self._proc = subprocess.Popen(
-            [*manage, "serve", f"127.0.0.1:{port}"], env=env, cwd=root,
-            stdout=self._log, stderr=subprocess.STDOUT,
+            [*manage, "serve", f"127.0.0.1:{port}"],
+            env=env,
+            cwd=root,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
         )
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline:

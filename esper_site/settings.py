@@ -7,6 +7,7 @@ Set `DATABASE_URL` and `CELERY_BROKER_URL` for the served mode (Postgres + Redis
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import environ
@@ -85,7 +86,9 @@ if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
     )
     DATABASES["default"]["OPTIONS"].setdefault("transaction_mode", "IMMEDIATE")
     # A file, not :memory:, so worker threads see the same test database.
-    DATABASES["default"].setdefault("TEST", {"NAME": str(ESPER_HOME / "test.sqlite3")})
+    DATABASES["default"].setdefault(
+        "TEST", {"NAME": str(ESPER_HOME / f"test-{os.getpid()}.sqlite3")}
+    )
 
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 
@@ -200,7 +203,12 @@ ESPER_HEALTH_PING_TIMEOUT = env.float("ESPER_HEALTH_PING_TIMEOUT", default=1.0)
 LOGGING = {
     "version": 1,
     "disable_existing_loggers": False,
-    "formatters": {"plain": {"format": "%(asctime)s %(levelname)s %(name)s %(message)s"}},
+    "formatters": {
+        "plain": {
+            "()": "esper_site.logfmt.KeyValueFormatter",
+            "format": "%(asctime)s %(levelname)s %(name)s %(message)s",
+        }
+    },
     "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "plain"}},
     "root": {"handlers": ["console"], "level": env.str("LOG_LEVEL", default="INFO")},
     "loggers": {"django.server": {"level": "WARNING"}},

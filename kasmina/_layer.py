@@ -64,7 +64,9 @@ class SeedLayer(nn.Module):
         self.register_buffer("seed_stage", torch.zeros(n, dtype=torch.int64))
         self.register_buffer("seed_alpha", torch.zeros(n, dtype=torch.float32))
         self.register_buffer("seed_kernel_id", torch.zeros(n, 2, dtype=torch.int64))
-        self.register_buffer("seed_graft", torch.zeros(n, dtype=torch.int64))  # 0 residual, 1 parallel
+        self.register_buffer(
+            "seed_graft", torch.zeros(n, dtype=torch.int64)
+        )  # 0 residual, 1 parallel
         self.register_buffer("seed_health_ema", torch.zeros(n, dtype=torch.float32))
         self.register_buffer("seed_latency_us", torch.zeros(n, dtype=torch.float32))
         self.register_buffer("seed_error_count", torch.zeros(n, dtype=torch.int32))
@@ -130,7 +132,11 @@ class SeedLayer(nn.Module):
         h = h.detach().float()
         units = h.transpose(0, 1).reshape(h.shape[1], -1) if h.dim() > 2 else h.t()
         self._telemetry["activation"] = torch.stack(
-            [h.mean(), h.std() if h.numel() > 1 else h.new_zeros(()), (units <= 0).all(dim=1).float().mean()]
+            [
+                h.mean(),
+                h.std() if h.numel() > 1 else h.new_zeros(()),
+                (units <= 0).all(dim=1).float().mean(),
+            ]
         )
 
     # -- control (called between steps, never from forward) ------------------------------
@@ -177,7 +183,9 @@ class SeedLayer(nn.Module):
             )
         self.seeds[str(seed_idx)] = module
         self.kernel_ids[seed_idx] = kernel_id
-        self.seed_kernel_id[seed_idx] = kernel_id_to_tensor(kernel_id).to(self.seed_kernel_id.device)
+        self.seed_kernel_id[seed_idx] = kernel_id_to_tensor(kernel_id).to(
+            self.seed_kernel_id.device
+        )
         self.grafts[seed_idx] = graft
         self.seed_graft[seed_idx] = 1 if graft == "parallel" else 0
         self.seed_fallback[seed_idx] = False
@@ -186,7 +194,8 @@ class SeedLayer(nn.Module):
 
     def remove_seed(self, seed_idx: int) -> None:
         """Drop the seed module: the layer's output is the host's again, exactly."""
-        self.seeds.pop(str(seed_idx), None)
+        if str(seed_idx) in self.seeds:
+            del self.seeds[str(seed_idx)]
         self.set_alpha(seed_idx, 0.0)
         self.refresh()
 
@@ -225,4 +234,6 @@ class SeedLayer(nn.Module):
 
     def extra_repr(self) -> str:
         sig = self.signature
-        return f"{self.layer_name!r}, {sig['layout']} {sig['in']}→{sig['out']}, seeds={self.num_seeds}"
+        return (
+            f"{self.layer_name!r}, {sig['layout']} {sig['in']}→{sig['out']}, seeds={self.num_seeds}"
+        )

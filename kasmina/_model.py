@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import math
 import time
 from collections import Counter, deque
 from collections.abc import Iterable, Mapping
@@ -130,9 +131,15 @@ class MorphableModel(nn.Module):
         key = (layer.layer_name, idx)
         self._stage_since[key] = self.steps
         self.events.append(
-            {"step": self.steps, "layer": layer.layer_name, "seed": idx,
-             "from": before.name, "to": target.name, "kernel": layer.kernel_ids[idx],
-             "reason": reason}
+            {
+                "step": self.steps,
+                "layer": layer.layer_name,
+                "seed": idx,
+                "from": before.name,
+                "to": target.name,
+                "kernel": layer.kernel_ids[idx],
+                "reason": reason,
+            }
         )
         if target is Stage.BLENDING:
             self._blend_start[key] = self.steps
@@ -156,7 +163,10 @@ class MorphableModel(nn.Module):
         """Move a seed to `stage` (raises `IllegalTransition` for a move the lifecycle forbids)."""
         layer, idx = self._seed(layer_name, seed_idx)
         stage = Stage[stage] if isinstance(stage, str) else Stage(stage)
-        if stage in (Stage.LOADING, Stage.TRAINING) and layer.stages[idx] is not Stage.ERROR_RECOVERY:
+        if (
+            stage in (Stage.LOADING, Stage.TRAINING)
+            and layer.stages[idx] is not Stage.ERROR_RECOVERY
+        ):
             raise ValueError("use load_kernel()/germinate() to load a kernel into a seed")
         self._move(layer, idx, stage, reason)
 
@@ -189,7 +199,9 @@ class MorphableModel(nn.Module):
             )
         return self.loader
 
-    def load_kernel(self, layer_name: str, seed_idx: int, kernel_id: str, *, optimizer=None) -> Stage:
+    def load_kernel(
+        self, layer_name: str, seed_idx: int, kernel_id: str, *, optimizer=None
+    ) -> Stage:
         """Fetch, verify and graft a kernel now (→ TRAINING).
 
         A kernel that does not fit the layer raises `ValueError` and the seed stays DORMANT.
@@ -233,7 +245,11 @@ class MorphableModel(nn.Module):
 
     def _fit(self, layer: SeedLayer, idx: int, loaded) -> nn.Module:
         sig, want = loaded.signature, layer.signature
-        if (sig.get("layout"), sig.get("in"), sig.get("out")) != (want["layout"], want["in"], want["out"]) or sig.get("graft") not in ("residual", "parallel"):
+        if (sig.get("layout"), sig.get("in"), sig.get("out")) != (
+            want["layout"],
+            want["in"],
+            want["out"],
+        ) or sig.get("graft") not in ("residual", "parallel"):
             raise ValueError(
                 f"kernel {loaded.kernel_id} ({sig.get('graft')}/{sig.get('layout')} "
                 f"{sig.get('in')}→{sig.get('out')}) does not fit layer {layer.layer_name!r} "
@@ -274,8 +290,15 @@ class MorphableModel(nn.Module):
         self._stage_since[key] = self.steps
         self._retry_at.pop(key, None)
         self.events.append(
-            {"step": self.steps, "layer": layer.layer_name, "seed": idx, "from": "LOADING",
-             "to": "TRAINING", "kernel": loaded.kernel_id, "reason": "grafted"}
+            {
+                "step": self.steps,
+                "layer": layer.layer_name,
+                "seed": idx,
+                "from": "LOADING",
+                "to": "TRAINING",
+                "kernel": loaded.kernel_id,
+                "reason": "grafted",
+            }
         )
         if optimizer is not None:
             optimizer.add_param_group({"params": self.seed_parameters(layer.layer_name, idx)})
@@ -284,7 +307,9 @@ class MorphableModel(nn.Module):
         """A seed failed: host output in use; retried with backoff, culled after repeats."""
         errors = layer.record_error(idx)
         layer.remove_seed(idx)
-        logger.warning("seed failed", extra={"layer": layer.layer_name, "seed": idx, "error": reason})
+        logger.warning(
+            "seed failed", extra={"layer": layer.layer_name, "seed": idx, "error": reason}
+        )
         if layer.stages[idx] is Stage.FOSSILIZED:
             self._move(layer, idx, Stage.CULLED, f"fossilized seed failed: {reason}")
             return
@@ -305,7 +330,9 @@ class MorphableModel(nn.Module):
         self._retry_at[(layer.layer_name, idx)] = retry_at
 
     def _submit(self, layer: SeedLayer, idx: int) -> None:
-        self._pending[(layer.layer_name, idx)] = self._require_loader().submit(layer.kernel_ids[idx])
+        self._pending[(layer.layer_name, idx)] = self._require_loader().submit(
+            layer.kernel_ids[idx]
+        )
 
     # -- per training step ---------------------------------------------------------------
     def step(self) -> None:
@@ -316,22 +343,34 @@ class MorphableModel(nn.Module):
         Never waits on the network.
         """
         self.steps += 1
+        culled = {
+            (layer.layer_name, i)
+            for layer in self._layers.values()
+            for i, stage in enumerate(layer.stages)
+            if stage is Stage.CULLED
+        }
         self._poll_pending()
         self._check_nonfinite()
         now = time.monotonic()
         for layer in self._layers.values():
             for idx, stage in enumerate(layer.stages):
                 key = (layer.layer_name, idx)
-                if stage is Stage.ERROR_RECOVERY and key in self._retry_at and now >= self._retry_at[key]:
+                if (
+                    stage is Stage.ERROR_RECOVERY
+                    and key in self._retry_at
+                    and now >= self._retry_at[key]
+                ):
                     del self._retry_at[key]
                     self._move(layer, idx, Stage.LOADING, "retry")
                     self._submit(layer, idx)
                 elif stage is Stage.BLENDING and key in self._blend_start:
                     done = self.steps - self._blend_start[key]
-                    layer.set_alpha(idx, alpha_schedule(done, self.blend_steps, self.blend_schedule))
+                    layer.set_alpha(
+                        idx, alpha_schedule(done, self.blend_steps, self.blend_schedule)
+                    )
                     if done >= self.blend_steps:
                         self._move(layer, idx, Stage.PROBATION, "blend complete")
-                elif stage is Stage.CULLED:
+                elif stage is Stage.CULLED and key in culled:  # culled for one full step
                     self._move(layer, idx, Stage.EMBARGOED, "embargo")
                 elif stage is Stage.EMBARGOED and self.steps >= self._embargo_until.get(key, 0):
                     self._move(layer, idx, Stage.DORMANT, "embargo over")
@@ -389,9 +428,9 @@ class MorphableModel(nn.Module):
                     "type": type(layer.host).__name__,
                     **layer.signature,
                     "params": sum(p.numel() for p in layer.host.parameters()),
-                    "activation": None if act_values is None else dict(
-                        zip(("mean", "std", "dead_fraction"), act_values, strict=True)
-                    ),
+                    "activation": None
+                    if act_values is None
+                    else dict(zip(("mean", "std", "dead_fraction"), act_values, strict=True)),
                     "grad_norm": None if grad is None else float(grad),
                     "seeds": [
                         {
@@ -405,7 +444,8 @@ class MorphableModel(nn.Module):
                             "errors": layer.error_counts[i],
                             "steps_in_stage": self.steps - self._stage_since.get((name, i), 0),
                             "params": sum(p.numel() for p in layer.seeds[str(i)].parameters())
-                            if str(i) in layer.seeds else 0,
+                            if str(i) in layer.seeds
+                            else 0,
                         }
                         for i in range(layer.num_seeds)
                     ],
@@ -430,7 +470,9 @@ class MorphableModel(nn.Module):
         return {"steps": self.steps, "layers": layers, "cache": cache.stats() if cache else None}
 
     # -- checkpoints ---------------------------------------------------------------------
-    def load_state_dict(self, state_dict: Mapping[str, torch.Tensor], strict: bool = True, assign: bool = False):
+    def load_state_dict(
+        self, state_dict: Mapping[str, torch.Tensor], strict: bool = True, assign: bool = False
+    ):
         """Load a checkpoint, fetching the kernels of its grafted seeds first."""
         resume: list[tuple[SeedLayer, int]] = []
         for name, layer in self._layers.items():
@@ -441,21 +483,33 @@ class MorphableModel(nn.Module):
             ids = state_dict[prefix + "seed_kernel_id"]
             for idx, stage in enumerate(stages):
                 self._drop(layer, idx)
-                kernel_id = _kernel_id(ids[idx])
                 if stage in GRAFTED_STAGES:
-                    loaded = self._require_loader().fetch(kernel_id)
+                    loaded = self._require_loader().fetch(_kernel_id(ids[idx]))
                     layer.seeds[str(idx)] = self._fit(layer, idx, loaded)
                 elif stage in (Stage.GERMINATED, Stage.LOADING, Stage.ERROR_RECOVERY):
                     resume.append((layer, idx))
         result = super().load_state_dict(state_dict, strict=strict, assign=assign)
         for layer in self._layers.values():
             layer.sync_mirror()
+        for layer in self._layers.values():
+            for idx, stage in enumerate(layer.stages):
+                if stage is Stage.BLENDING:  # continue the ramp from the restored α
+                    done = _steps_for_alpha(
+                        layer.alphas[idx], self.blend_steps, self.blend_schedule
+                    )
+                    self._blend_start[(layer.layer_name, idx)] = self.steps - done
         for layer, idx in resume:
             if layer.stages[idx] is Stage.ERROR_RECOVERY:
                 self._retry_at[(layer.layer_name, idx)] = time.monotonic()
             elif layer.stages[idx] is Stage.LOADING:
                 self._submit(layer, idx)
         return result
+
+
+def _steps_for_alpha(alpha: float, total: int, kind: str) -> int:
+    """Inverse of `alpha_schedule`: how many blending steps give `alpha`."""
+    t = alpha if kind == "linear" else math.acos(max(-1.0, min(1.0, 1 - 2 * alpha))) / math.pi
+    return round(t * total)
 
 
 def _kernel_id(row: torch.Tensor) -> str:

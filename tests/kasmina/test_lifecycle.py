@@ -12,15 +12,25 @@ pytestmark = pytest.mark.fast
 
 
 def test_the_golden_path_is_legal():
-    path = [Stage.DORMANT, Stage.GERMINATED, Stage.LOADING, Stage.TRAINING, Stage.BLENDING,
-            Stage.PROBATION, Stage.FOSSILIZED]
+    path = [
+        Stage.DORMANT,
+        Stage.GERMINATED,
+        Stage.LOADING,
+        Stage.TRAINING,
+        Stage.BLENDING,
+        Stage.PROBATION,
+        Stage.FOSSILIZED,
+    ]
     for a, b in zip(path, path[1:], strict=False):
         check_transition(a, b)
 
 
 def test_the_cull_cycle_returns_to_dormant():
-    for a, b in [(Stage.PROBATION, Stage.CULLED), (Stage.CULLED, Stage.EMBARGOED),
-                 (Stage.EMBARGOED, Stage.DORMANT)]:
+    for a, b in [
+        (Stage.PROBATION, Stage.CULLED),
+        (Stage.CULLED, Stage.EMBARGOED),
+        (Stage.EMBARGOED, Stage.DORMANT),
+    ]:
         check_transition(a, b)
 
 
@@ -33,9 +43,13 @@ def test_failures_go_to_error_recovery_which_retries_or_culls(stage):
 
 @pytest.mark.parametrize(
     "current, target",
-    [(Stage.DORMANT, Stage.TRAINING), (Stage.FOSSILIZED, Stage.DORMANT),
-     (Stage.CULLED, Stage.DORMANT), (Stage.TRAINING, Stage.FOSSILIZED),
-     (Stage.EMBARGOED, Stage.GERMINATED)],
+    [
+        (Stage.DORMANT, Stage.TRAINING),
+        (Stage.FOSSILIZED, Stage.DORMANT),
+        (Stage.CULLED, Stage.DORMANT),
+        (Stage.TRAINING, Stage.FOSSILIZED),
+        (Stage.EMBARGOED, Stage.GERMINATED),
+    ],
 )
 def test_illegal_transitions_raise_and_say_what_is_allowed(current, target):
     with pytest.raises(IllegalTransition, match=f"from {current.name} it may go to"):

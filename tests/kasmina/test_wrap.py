@@ -45,8 +45,12 @@ class Nested(nn.Module):
 
 def _cnn():
     return nn.Sequential(
-        nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1),
-        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 4),
+        nn.Conv2d(3, 8, 3, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(8, 8, 3, padding=1),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(8, 4),
     )
 
 
@@ -90,7 +94,11 @@ def test_a_shared_layer_becomes_one_shared_seed_layer():
     assert isinstance(blocks[0].shared, SeedLayer)
     assert blocks[0].shared is blocks[1].shared
     assert sorted(wrapped.seed_layers) == [
-        "blocks.0.inner.0", "blocks.0.shared", "blocks.1.inner.0", "head", "stem"
+        "blocks.0.inner.0",
+        "blocks.0.shared",
+        "blocks.1.inner.0",
+        "head",
+        "stem",
     ]
 
 
@@ -137,11 +145,26 @@ def test_wrapped_model_is_a_module_with_state():
 
 
 def test_dormant_wrapped_mlp_compiles_without_graph_breaks():
-    model = nn.Sequential(nn.Linear(784, 512), nn.ReLU(), nn.Linear(512, 512), nn.ReLU(),
-                          nn.Linear(512, 10))
+    model = nn.Sequential(
+        nn.Linear(784, 512), nn.ReLU(), nn.Linear(512, 512), nn.ReLU(), nn.Linear(512, 10)
+    )
     wrapped = wrap(model)
     x = torch.randn(32, 784)
     compiled = torch.compile(wrapped, fullgraph=True, backend="aot_eager")
     torch.testing.assert_close(compiled(x), model(x))
     explanation = torch._dynamo.explain(wrapped)(x)
     assert explanation.graph_break_count == 0
+
+
+def test_kasmina_imports_no_django_and_none_of_the_server_apps():
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, kasmina, kasmina.client, kasmina.cache, kasmina.loader;"
+        "bad = sorted(m for m in sys.modules if m.split('.')[0] in "
+        "{'django', 'rest_framework', 'celery', 'urza', 'tezzeret', 'tamiyo', 'esper_site'});"
+        "print(bad); sys.exit(1 if bad else 0)"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr

@@ -1,6 +1,24 @@
+import socket
+
 from django.conf import settings
 from django.core.management import call_command
 from django.core.management.base import BaseCommand
+from django.core.management.commands.runserver import Command as RunserverCommand
+from django.core.servers.basehttp import WSGIServer
+
+
+class NoDelayWSGIServer(WSGIServer):
+    """Sets TCP_NODELAY on each connection: without it every request on a kept-open
+    connection waits ~40 ms for a delayed ACK (Nagle), which training-loop polls feel."""
+
+    def get_request(self):
+        conn, addr = super().get_request()
+        conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        return conn, addr
+
+
+class _Runserver(RunserverCommand):
+    server_cls = NoDelayWSGIServer
 
 
 class Command(BaseCommand):
@@ -28,5 +46,9 @@ class Command(BaseCommand):
                     "`celery -A esper_site worker -Q compile,train`"
                 )
         call_command(
-            "runserver", addrport, use_reloader=False, use_threading=True, insecure_serving=True
+            _Runserver(),
+            addrport,
+            use_reloader=False,
+            use_threading=True,
+            insecure_serving=True,
         )

@@ -1,0 +1,139 @@
+"""The reward of one Tamiyo decision, from the outcome the runtime measured, in [-1, 1].
+
+Metrics are higher-is-better (accuracy-like, as a fraction: 0.01 = one point); report a
+loss as its negative. With the default `RewardWeights`:
+
+GERMINATE (outcome ``final_stage, contribution, metric_before, metric_after, params_added,
+failures, rolled_back``)::
+
+    x = contribution
+        − λ_params   · params_added / param_budget      (λ_params = 0.05; 0 when no budget)
+        − λ_fail     · failures                           (λ_fail = 0.01 per failure)
+        − λ_rollback · rolled_back                        (λ_rollback = 0.05)
+    reward = tanh(scale · x)                              (scale = 20)
+
+``contribution`` is the counterfactual gain (metric with the seed − without it); null when
+the seed never reached probation, which counts as 0. So a seed worth +2 points that used
+10% of the budget earns tanh(20 · (0.02 − 0.005)) = tanh(0.3) ≈ 0.291.
+
+WAIT (outcome ``metric_before, metric_after`` over the same window)::
+
+    Δ = metric_after − metric_before
+    x = Δ − wait_cost   if |Δ| < flat_tol   (wait_cost = 0.002, flat_tol = 0.001)
+    x = Δ               otherwise
+    reward = tanh(scale_wait · x)           (scale_wait = 20)
+
+Waiting through a flat stretch costs a little, so a plateau is a reason to act; waiting
+while the metric moves is judged by how it moves.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
+
+from tamiyo.graph import STAGES
+
+__all__ = ["GERMINATE_OUTCOME_FIELDS", "RewardWeights", "WAIT_OUTCOME_FIELDS", "compute_reward"]
+
+GERMINATE_OUTCOME_FIELDS = (
+    "final_stage",
+    "contribution",
+    "metric_before",
+    "metric_after",
+    "params_added",
+    "failures",
+    "rolled_back",
+)
+WAIT_OUTCOME_FIELDS = ("metric_before", "metric_after")
+
+
+@dataclass(frozen=True)
+class RewardWeights:
+    """Coefficients of the reward formula (see the module docstring)."""
+
+    scale: float = 20.0
+    lambda_params: float = 0.05
+    lambda_fail: float = 0.01
+    lambda_rollback: float = 0.05
+    scale_wait: float = 20.0
+    wait_cost: float = 0.002
+    flat_tol: float = 0.001
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if not math.isfinite(value) or value < 0:
+                raise ValueError(f"RewardWeights.{f.name} must be finite and >= 0, got {value}")
+
+
+def _number(outcome: Mapping, key: str, *, nullable: bool = False) -> float | None:
+    value = outcome[key]
+    if value is None and nullable:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        raise ValueError(f"outcome.{key}: expected a finite number, got {value!r}")
+    return float(value)
+
+
+def _count(outcome: Mapping, key: str) -> int:
+    value = outcome[key]
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"outcome.{key}: expected a non-negative integer, got {value!r}")
+    return value
+
+
+def _check_fields(outcome: object, names: tuple[str, ...], action: str) -> Mapping:
+    if not isinstance(outcome, Mapping):
+        raise ValueError(f"outcome: expected an object, got {type(outcome).__name__}")
+    for key in names:
+        if key not in outcome:
+            raise ValueError(
+                f"outcome.{key}: missing field (a {action} outcome needs {', '.join(names)})"
+            )
+    for key in outcome:
+        if key not in names:
+            raise ValueError(
+                f"outcome.{key}: unknown field for a {action} outcome; allowed: {', '.join(names)}"
+            )
+    return outcome
+
+
+def compute_reward(
+    outcome: dict,
+    *,
+    action: str,
+    param_budget: int | None = None,
+    weights: RewardWeights = RewardWeights(),
+) -> float:
+    """The decision's reward in [-1, 1]; errors name the offending ``outcome.<field>``."""
+    if action == "wait":
+        o = _check_fields(outcome, WAIT_OUTCOME_FIELDS, action)
+        delta = _number(o, "metric_after") - _number(o, "metric_before")
+        x = delta - weights.wait_cost if abs(delta) < weights.flat_tol else delta
+        return math.tanh(weights.scale_wait * x)
+    if action != "germinate":
+        raise ValueError(f"action: expected 'wait' or 'germinate', got {action!r}")
+    if param_budget is not None and (
+        isinstance(param_budget, bool) or not isinstance(param_budget, int) or param_budget <= 0
+    ):
+        raise ValueError(f"param_budget: expected a positive integer or None, got {param_budget!r}")
+    o = _check_fields(outcome, GERMINATE_OUTCOME_FIELDS, action)
+    if o["final_stage"] not in STAGES:
+        raise ValueError(
+            f"outcome.final_stage: expected one of {', '.join(STAGES)}, got {o['final_stage']!r}"
+        )
+    if not isinstance(o["rolled_back"], bool):
+        raise ValueError(f"outcome.rolled_back: expected true or false, got {o['rolled_back']!r}")
+    _number(o, "metric_before")
+    _number(o, "metric_after")
+    contribution = _number(o, "contribution", nullable=True) or 0.0
+    params = _count(o, "params_added")
+    x = (
+        contribution
+        - (weights.lambda_params * params / param_budget if param_budget else 0.0)
+        - weights.lambda_fail * _count(o, "failures")
+        - weights.lambda_rollback * float(o["rolled_back"])
+    )
+    return math.tanh(weights.scale * x)

@@ -1,0 +1,346 @@
+"""Offline training of the GNN policy from stored experiences, and off-policy evaluation.
+
+An experience is ``{"state": graph doc, "blueprints": [descriptors at decision time],
+"action": {"action", "layer", "seed", "blueprint_index"}, "behavior_logprob": float,
+"reward": float | None}`` (other keys, such as an id, are ignored; unrewarded ones are
+skipped).
+
+Objective, per experience with behaviour log-prob b, reward R and value V(s)::
+
+    A     = R − V(s)                                   (advantage, V detached)
+    ρ     = min(exp(logπ_old − b), max_weight)         (behaviour correction, detached)
+    ratio = exp(logπ − logπ_old)
+    L_pg  = −ρ · min(ratio · A, clip(ratio, 1 − ε, 1 + ε) · A)        (ε = 0.2)
+    L     = L_pg + value_coef · (V(s) − R)² − entropy_coef · H(π(·|s))
+
+The importance ratio π/b = ρ · ratio is split at an anchor π_old: the policy's own
+log-prob of that experience when it was last visited (one epoch earlier). Clipping the
+whole π/b (plain PPO against the behaviour policy) would pin the learned policy within
+±20% of the behaviour policy — e.g. of a uniform random one — for good; clipping against
+the anchor keeps PPO's trust region per epoch while still letting the policy move far
+from the behaviour policy over epochs, with the truncated ρ correcting for who chose the
+action.
+
+Evaluation (`evaluate_policy`) is self-normalised importance sampling over experiences:
+``score = Σ w_i R_i / Σ w_i`` with ``w_i = clip(π(a_i|s_i) / b(a_i|s_i), 0, max_weight)``:
+an estimate of the mean reward the policy would earn on those states, comparable across
+policies on the same experiences (NaN when no experience has weight).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from tamiyo.graph import GraphError, to_data
+from tamiyo.policy import GNNPolicy, Policy, action_mask, validate_blueprints
+
+__all__ = [
+    "DEFAULT_EPOCHS",
+    "MIN_EXPERIENCES",
+    "TrainResult",
+    "evaluate_policy",
+    "train_policy",
+]
+
+logger = logging.getLogger(__name__)
+
+MIN_EXPERIENCES = 32
+DEFAULT_EPOCHS = 30
+
+
+@dataclass
+class TrainResult:
+    """The trained policy (a new object), JSON-ready metrics, and which experiences were
+    held out (indices into the list given to `train_policy`)."""
+
+    policy: GNNPolicy
+    metrics: dict
+    heldout_indices: list[int]
+
+
+@dataclass
+class _Sample:
+    index: int
+    data: object
+    blueprints: list[dict]
+    action: dict
+    behavior_logprob: float
+    reward: float
+
+
+def _action(raw: object, where: str) -> dict:
+    if not isinstance(raw, Mapping) or raw.get("action") not in ("wait", "germinate"):
+        raise ValueError(f"{where}.action: expected {{'action': 'wait'|'germinate', ...}}")
+    if raw["action"] == "wait":
+        return {"action": "wait", "layer": None, "seed": None, "blueprint_index": None}
+    for key, kind in (("layer", str), ("seed", int), ("blueprint_index", int)):
+        if not isinstance(raw.get(key), kind) or isinstance(raw.get(key), bool):
+            raise ValueError(
+                f"{where}.action.{key}: expected {kind.__name__} for a germinate action"
+            )
+    return {key: raw[key] for key in ("action", "layer", "seed", "blueprint_index")}
+
+
+def _samples(experiences: Sequence[Mapping]) -> list[_Sample]:
+    """Parse the rewarded experiences; errors name ``experiences[i].<field>``."""
+    out = []
+    for i, exp in enumerate(experiences):
+        where = f"experiences[{i}]"
+        if not isinstance(exp, Mapping):
+            raise ValueError(f"{where}: expected an object")
+        for key in ("state", "blueprints", "action", "behavior_logprob", "reward"):
+            if key not in exp:
+                raise ValueError(f"{where}.{key}: missing field")
+        if exp["reward"] is None:
+            continue
+        reward, blp = exp["reward"], exp["behavior_logprob"]
+        for key, value in (("reward", reward), ("behavior_logprob", blp)):
+            if (
+                isinstance(value, bool)
+                or not isinstance(value, int | float)
+                or not math.isfinite(value)
+            ):
+                raise ValueError(f"{where}.{key}: expected a finite number, got {value!r}")
+        if blp > 1e-6:
+            raise ValueError(f"{where}.behavior_logprob: a log-probability is <= 0, got {blp}")
+        try:
+            data = to_data(exp["state"])
+        except GraphError as exc:
+            raise ValueError(f"{where}.state.{exc}") from exc
+        try:
+            bps = validate_blueprints(exp["blueprints"])
+        except ValueError as exc:
+            raise ValueError(f"{where}.{exc}") from exc
+        out.append(_Sample(i, data, bps, _action(exp["action"], where), float(blp), float(reward)))
+    return out
+
+
+def _is_legal(sample: _Sample, one_per_layer: bool) -> bool:
+    a = sample.action
+    if a["action"] == "wait":
+        return True
+    mask = action_mask(sample.data, sample.blueprints, one_per_layer=one_per_layer)
+    for n, (layer, seed) in enumerate(
+        zip(sample.data.node_layer, sample.data.node_seed.tolist(), strict=True)
+    ):
+        if layer == a["layer"] and seed == a["seed"]:
+            return 0 <= a["blueprint_index"] < mask.shape[1] and bool(mask[n, a["blueprint_index"]])
+    return False
+
+
+def _evaluate(model: GNNPolicy, samples: Sequence[_Sample]) -> tuple[torch.Tensor, ...]:
+    return model.evaluate(
+        [s.data for s in samples], [s.blueprints for s in samples], [s.action for s in samples]
+    )
+
+
+def _logprobs(policy: Policy, samples: Sequence[_Sample], *, greedy: bool) -> list[float]:
+    """log π(a_i | s_i) for each sample; for ``greedy``, 0 if a_i is the argmax else -inf."""
+    out: list[float] = []
+    with torch.no_grad():
+        if isinstance(policy, GNNPolicy):
+            dists = []
+            for start in range(0, len(samples), 64):
+                chunk = samples[start : start + 64]
+                dists += policy.distributions(
+                    [s.data for s in chunk], [s.blueprints for s in chunk]
+                )
+        else:
+            dists = [policy.distribution(s.data, s.blueprints) for s in samples]
+        for dist, s in zip(dists, samples, strict=True):
+            if greedy:
+                out.append(
+                    0.0 if dist.index(s.action) == int(torch.argmax(dist.logits)) else -math.inf
+                )
+            else:
+                out.append(float(dist.log_prob(s.action)))
+    return out
+
+
+def _score(policy: Policy, samples: Sequence[_Sample], *, greedy: bool, max_weight: float) -> float:
+    num = den = 0.0
+    for logp, s in zip(_logprobs(policy, samples, greedy=greedy), samples, strict=True):
+        w = min(math.exp(logp - s.behavior_logprob), max_weight) if logp > -math.inf else 0.0
+        num += w * s.reward
+        den += w
+    return num / den if den > 0 else math.nan
+
+
+def evaluate_policy(
+    policy: Policy,
+    experiences: Sequence[Mapping],
+    *,
+    greedy: bool = False,
+    max_weight: float = 10.0,
+) -> float:
+    """Self-normalised importance-sampling estimate of the policy's mean reward on these
+    experiences (stochastic policy, or its greedy version); NaN when no weight is positive."""
+    return _score(policy, _samples(experiences), greedy=greedy, max_weight=max_weight)
+
+
+def _loss(
+    model: GNNPolicy,
+    samples: Sequence[_Sample],
+    anchor: torch.Tensor,
+    *,
+    clip_eps: float,
+    max_weight: float,
+    value_coef: float,
+    entropy_coef: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    logp, entropy, value = _evaluate(model, samples)
+    old = torch.where(torch.isnan(anchor), logp.detach(), anchor)
+    behavior = torch.tensor([s.behavior_logprob for s in samples])
+    reward = torch.tensor([s.reward for s in samples])
+    rho = torch.exp(old - behavior).clamp(max=max_weight)
+    ratio = torch.exp(logp - old)
+    adv = reward - value.detach()
+    pg = -(rho * torch.min(ratio * adv, ratio.clamp(1 - clip_eps, 1 + clip_eps) * adv)).mean()
+    loss = pg + value_coef * F.mse_loss(value, reward) - entropy_coef * entropy.mean()
+    return loss, logp.detach()
+
+
+def _finite(value: float) -> float | None:
+    return value if math.isfinite(value) else None
+
+
+def train_policy(
+    policy: GNNPolicy | None,
+    experiences: Sequence[Mapping],
+    *,
+    seed: int,
+    epochs: int = DEFAULT_EPOCHS,
+    lr: float = 3e-3,
+    batch_size: int = 32,
+    clip_eps: float = 0.2,
+    value_coef: float = 0.5,
+    entropy_coef: float = 0.01,
+    max_weight: float = 10.0,
+    heldout_fraction: float = 0.2,
+    threads: int | None = 1,
+) -> TrainResult:
+    """Train a copy of ``policy`` (a fresh `GNNPolicy` when None) on the rewarded experiences.
+
+    Deterministic given ``seed`` (and ``threads``); the caller's global RNG state and thread
+    count are left as they were. Graphs are small, so the work is overhead-bound and one
+    intra-op thread is fastest; None keeps torch's current setting.
+    """
+    if not 0.0 <= heldout_fraction < 1.0:
+        raise ValueError(f"heldout_fraction must be in [0, 1), got {heldout_fraction}")
+    if epochs < 0 or batch_size < 1:
+        raise ValueError(f"need epochs >= 0 and batch_size >= 1, got {epochs} and {batch_size}")
+    previous = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    try:
+        return _train(
+            policy,
+            experiences,
+            seed=seed,
+            epochs=epochs,
+            lr=lr,
+            batch_size=batch_size,
+            heldout_fraction=heldout_fraction,
+            opts={
+                "clip_eps": clip_eps,
+                "max_weight": max_weight,
+                "value_coef": value_coef,
+                "entropy_coef": entropy_coef,
+            },
+        )
+    finally:
+        torch.set_num_threads(previous)
+
+
+def _train(
+    policy: GNNPolicy | None,
+    experiences: Sequence[Mapping],
+    *,
+    seed: int,
+    epochs: int,
+    lr: float,
+    batch_size: int,
+    heldout_fraction: float,
+    opts: dict,
+) -> TrainResult:
+    t0 = time.perf_counter()
+    samples = _samples(experiences)
+    if len(samples) < MIN_EXPERIENCES:
+        raise ValueError(
+            f"need at least {MIN_EXPERIENCES} experiences with rewards, have {len(samples)}"
+        )
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        gen = torch.Generator().manual_seed(seed)
+        if policy is None:
+            model = GNNPolicy()
+        else:
+            model = GNNPolicy.load_safetensors(policy.save_safetensors(), policy.config())
+        one_per_layer = model.config()["one_per_layer"]
+        perm = torch.randperm(len(samples), generator=gen).tolist()
+        n_held = max(1, round(len(samples) * heldout_fraction)) if heldout_fraction > 0 else 0
+        held = [samples[i] for i in sorted(perm[:n_held])]
+        pool = [samples[i] for i in sorted(perm[n_held:])]
+        train = [s for s in pool if _is_legal(s, one_per_layer)]
+        held_legal = [s for s in held if _is_legal(s, one_per_layer)]
+        if not train:
+            raise ValueError(
+                "no training experience has an action that is legal under the policy's action "
+                "masks; check that the stored states and blueprint lists match the actions"
+            )
+        score_before = (
+            _score(policy, held, greedy=False, max_weight=opts["max_weight"])
+            if policy is not None
+            else math.nan
+        )
+        optimizer = torch.optim.Adam(model.parameters(), lr=lr)
+        anchor = torch.full((len(train),), math.nan)
+        history = []
+        for epoch in range(epochs):
+            total = 0.0
+            for chunk in torch.randperm(len(train), generator=gen).split(batch_size):
+                batch = [train[i] for i in chunk.tolist()]
+                loss, logp = _loss(model, batch, anchor[chunk], **opts)
+                optimizer.zero_grad()
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+                optimizer.step()
+                anchor[chunk] = logp
+                total += float(loss.detach()) * len(batch)
+            row = {"epoch": epoch, "train_loss": total / max(len(train), 1)}
+            if held_legal:
+                with torch.no_grad():
+                    nan = torch.full((len(held_legal),), math.nan)
+                    row["heldout_loss"] = float(_loss(model, held_legal, nan, **opts)[0])
+            history.append(row)
+            logger.debug("tamiyo policy epoch", extra=row)
+    metrics = {
+        "train_loss": history[-1]["train_loss"] if history else None,
+        "heldout_loss": history[-1].get("heldout_loss") if history else None,
+        "heldout_score": _finite(_score(model, held, greedy=False, max_weight=opts["max_weight"])),
+        "heldout_score_greedy": _finite(
+            _score(model, held, greedy=True, max_weight=opts["max_weight"])
+        ),
+        "heldout_score_before": _finite(score_before),
+        "heldout_behavior_reward": sum(s.reward for s in held) / len(held) if held else None,
+        "train_count": len(train),
+        "heldout_count": len(held),
+        "skipped_unrewarded": len(experiences) - len(samples),
+        "skipped_illegal": len(pool) - len(train),
+        "epochs": epochs,
+        "seed": seed,
+        "seconds": time.perf_counter() - t0,
+        "history": history,
+    }
+    logger.info(
+        "tamiyo policy trained",
+        extra={k: metrics[k] for k in ("train_count", "heldout_score", "seconds")},
+    )
+    return TrainResult(model, metrics, [s.index for s in held])
