@@ -85,7 +85,10 @@ class Runner:
         self.times.append((time.perf_counter() - started) / k)
 
 
-def interleaved(runners: dict[str, Runner], *, rounds: int, steps: int, desc: str) -> dict:
+def interleaved(runners: dict[str, Runner], *, baseline: str, rounds: int, steps: int, desc: str):
+    """Median step time of each runner, and the median over rounds of each runner's time
+    divided by the baseline's in the same round (paired, so slow drifts of a shared,
+    noisy machine cancel out)."""
     for r in runners.values():
         r.run(steps)  # warm-up
         r.times.clear()
@@ -94,7 +97,14 @@ def interleaved(runners: dict[str, Runner], *, rounds: int, steps: int, desc: st
         random.shuffle(names)
         for name in names:
             runners[name].run(steps)
-    return {name: statistics.median(r.times) for name, r in runners.items()}
+    times = {name: statistics.median(r.times) for name, r in runners.items()}
+    base = runners[baseline].times
+    ratios = {
+        name: statistics.median(t / b for t, b in zip(r.times, base, strict=True))
+        for name, r in runners.items()
+        if name != baseline
+    }
+    return times, ratios
 
 
 def compile_kernel_over_api(client: EsperClient) -> str:
@@ -109,7 +119,7 @@ def compile_kernel_over_api(client: EsperClient) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rounds", type=int, default=40)
+    parser.add_argument("--rounds", type=int, default=60)
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1 = least noise)")
     args = parser.parse_args()
@@ -121,21 +131,23 @@ def main() -> None:
     xc, yc = torch.randn(64, 1, 28, 28), torch.randint(0, 10, (64,))
     base, base_cnn = mlp(), cnn()
     telemetry_model = wrap(base, telemetry_every=10)
-    mlp_times = interleaved(
+    mlp_times, mlp_ratios = interleaved(
         {
             "plain": Runner(copy.deepcopy(base), x, y),
             "dormant": Runner(wrap(base), x, y),
             "telemetry": Runner(telemetry_model, x, y, after_step=telemetry_model.step),
         },
+        baseline="plain",
         rounds=args.rounds,
         steps=args.steps,
         desc="mlp dormant/telemetry",
     )
-    cnn_times = interleaved(
+    cnn_times, cnn_ratios = interleaved(
         {
             "plain": Runner(copy.deepcopy(base_cnn), xc, yc),
             "dormant": Runner(wrap(base_cnn), xc, yc),
         },
+        baseline="plain",
         rounds=args.rounds,
         steps=args.steps,
         desc="cnn dormant",
@@ -166,8 +178,9 @@ def main() -> None:
         active.set_alpha("2", 0, 1.0)
         hand = copy.deepcopy(base)
         hand[2] = HandAdapter(hand[2], hidden=128)
-        active_times = interleaved(
+        active_times, active_ratios = interleaved(
             {"handwritten": Runner(hand, x, y), "seed": Runner(active, x, y)},
+            baseline="handwritten",
             rounds=args.rounds,
             steps=args.steps,
             desc="active seed",
@@ -175,10 +188,10 @@ def main() -> None:
         loader.close()
 
     result = {
-        "dormant_ratio_mlp": round(mlp_times["dormant"] / mlp_times["plain"], 4),
-        "dormant_ratio_cnn": round(cnn_times["dormant"] / cnn_times["plain"], 4),
-        "telemetry_ratio": round(mlp_times["telemetry"] / mlp_times["plain"], 4),
-        "active_vs_handwritten_ratio": round(active_times["seed"] / active_times["handwritten"], 4),
+        "dormant_ratio_mlp": round(mlp_ratios["dormant"], 4),
+        "dormant_ratio_cnn": round(cnn_ratios["dormant"], 4),
+        "telemetry_ratio": round(mlp_ratios["telemetry"], 4),
+        "active_vs_handwritten_ratio": round(active_ratios["seed"], 4),
         "cache_hit_us": round(p50(hits), 3),
         "cold_load_ms_p50": round(p50(cold), 2),
         "step_ms": {

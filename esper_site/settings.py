@@ -189,6 +189,9 @@ CELERY_BROKER_TRANSPORT_OPTIONS = {
     "unacked_restore_interval": env.int("ESPER_UNACKED_RESTORE_INTERVAL", default=10),
     "unacked_restore_throttle": env.int("ESPER_UNACKED_RESTORE_THROTTLE", default=10),
 }
+if ESPER_EMBEDDED_BROKER:
+    # The in-process broker is polled: poll often so jobs and pings are picked up quickly.
+    CELERY_BROKER_TRANSPORT_OPTIONS["polling_interval"] = 0.05
 CELERY_WORKER_HIJACK_ROOT_LOGGER = False
 CELERY_TIMEZONE = "UTC"
 
@@ -198,7 +201,7 @@ ESPER_COMPILER_VERSION = COMPILER_VERSION
 URZA_IR_VALIDATOR = "tezzeret.ir.validate_ir"
 URZA_SIGNATURE_VALIDATOR = "tezzeret.services.signature_validate"
 URZA_COMPILE_TASK = "tezzeret.compile_kernel"
-ESPER_HEALTH_PING_TIMEOUT = env.float("ESPER_HEALTH_PING_TIMEOUT", default=1.0)
+ESPER_HEALTH_PING_TIMEOUT = env.float("ESPER_HEALTH_PING_TIMEOUT", default=0.5)
 
 LOGGING = {
     "version": 1,

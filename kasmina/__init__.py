@@ -1,8 +1,8 @@
 """Kasmina: the runtime library training code imports. No Django import anywhere under it.
 
-    from kasmina import EsperClient, wrap
+from kasmina import EsperClient, wrap
 
-    model = wrap(model, client=EsperClient())  # ESPER_URL / ESPER_TOKEN from the environment
+model = wrap(model, client=EsperClient())  # ESPER_URL / ESPER_TOKEN from the environment
 """
 
 from kasmina._layer import SeedLayer

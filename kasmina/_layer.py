@@ -80,6 +80,7 @@ class SeedLayer(nn.Module):
         self.latency_us: list[float] = [0.0] * n
         self._live: tuple[int, ...] = ()
         self._active = False  # the dormant fast path's one check
+        self.busy = False  # any seed not DORMANT (lets step() skip idle layers)
         self._sample = False
         self.forward_count = 0
         self.guard_nonfinite = True
@@ -129,15 +130,13 @@ class SeedLayer(nn.Module):
 
     @torch.no_grad()
     def _record_activation(self, h: torch.Tensor) -> None:
+        """Mean, std and the fraction of units never positive in this batch (no sync)."""
         h = h.detach().float()
-        units = h.transpose(0, 1).reshape(h.shape[1], -1) if h.dim() > 2 else h.t()
-        self._telemetry["activation"] = torch.stack(
-            [
-                h.mean(),
-                h.std() if h.numel() > 1 else h.new_zeros(()),
-                (units <= 0).all(dim=1).float().mean(),
-            ]
-        )
+        mean = h.mean()
+        std = ((h * h).mean() - mean * mean).clamp_min(0).sqrt()
+        per_unit = h.amax(dim=0) if h.dim() == 2 else h.amax(dim=(0, *range(2, h.dim())))
+        dead = (per_unit <= 0).float().mean()
+        self._telemetry["activation"] = torch.stack([mean, std, dead])
 
     # -- control (called between steps, never from forward) ------------------------------
     def request_sample(self) -> None:
@@ -151,6 +150,7 @@ class SeedLayer(nn.Module):
             i for i, s in enumerate(self.stages) if s in GRAFTED_STAGES and str(i) in self.seeds
         )
         self._active = bool(self._live) or self._sample
+        self.busy = any(stage is not Stage.DORMANT for stage in self.stages)
 
     def check_index(self, seed_idx: int) -> int:
         if not isinstance(seed_idx, int) or not 0 <= seed_idx < self.num_seeds:
@@ -226,6 +226,8 @@ class SeedLayer(nn.Module):
 
     def flush_latency(self) -> None:
         """Fold latencies measured on sampled forwards into an EMA (mirror and buffer)."""
+        if not self._latency_pending:
+            return
         for i, us in self._latency_pending:
             prev = self.latency_us[i]
             self.latency_us[i] = us if prev == 0.0 else 0.8 * prev + 0.2 * us

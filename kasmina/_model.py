@@ -343,16 +343,18 @@ class MorphableModel(nn.Module):
         Never waits on the network.
         """
         self.steps += 1
+        busy = [layer for layer in self._layers.values() if layer.busy]
         culled = {
             (layer.layer_name, i)
-            for layer in self._layers.values()
+            for layer in busy
             for i, stage in enumerate(layer.stages)
             if stage is Stage.CULLED
         }
-        self._poll_pending()
+        if self._pending:
+            self._poll_pending()
         self._check_nonfinite()
         now = time.monotonic()
-        for layer in self._layers.values():
+        for layer in busy:
             for idx, stage in enumerate(layer.stages):
                 key = (layer.layer_name, idx)
                 if (
@@ -411,7 +413,7 @@ class MorphableModel(nn.Module):
             grads = [p.grad for p in layer.host.parameters() if p.grad is not None]
             if grads:
                 self._grad_norms[name] = torch.linalg.vector_norm(
-                    torch.stack([torch.linalg.vector_norm(g.float()) for g in grads])
+                    torch.stack(torch._foreach_norm(grads)).float()
                 )
 
     # -- introspection -------------------------------------------------------------------

@@ -37,6 +37,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from torch_geometric.data import Data
 
 from tamiyo.graph import GraphError, to_data
 from tamiyo.policy import GNNPolicy, Policy, action_mask, validate_blueprints
@@ -68,7 +69,7 @@ class TrainResult:
 @dataclass
 class _Sample:
     index: int
-    data: object
+    data: Data
     blueprints: list[dict]
     action: dict
     behavior_logprob: float
@@ -165,9 +166,15 @@ def _logprobs(policy: Policy, samples: Sequence[_Sample], *, greedy: bool) -> li
 
 
 def _score(policy: Policy, samples: Sequence[_Sample], *, greedy: bool, max_weight: float) -> float:
+    if not max_weight > 0:
+        raise ValueError(f"max_weight must be > 0, got {max_weight}")
     num = den = 0.0
     for logp, s in zip(_logprobs(policy, samples, greedy=greedy), samples, strict=True):
-        w = min(math.exp(logp - s.behavior_logprob), max_weight) if logp > -math.inf else 0.0
+        w = (
+            math.exp(min(logp - s.behavior_logprob, math.log(max_weight)))
+            if logp > -math.inf
+            else 0.0
+        )
         num += w * s.reward
         den += w
     return num / den if den > 0 else math.nan

@@ -1,0 +1,99 @@
+import math
+
+import pytest
+from torch.testing import assert_close
+
+from tamiyo.reward import RewardWeights, compute_reward
+
+
+def germinate(**over) -> dict:
+    outcome = {
+        "final_stage": "FOSSILIZED",
+        "contribution": 0.02,
+        "metric_before": 0.80,
+        "metric_after": 0.82,
+        "params_added": 1000,
+        "failures": 0,
+        "rolled_back": False,
+    }
+    return {**outcome, **over}
+
+
+def test_fossilized_seed_worth_two_points_using_a_tenth_of_the_budget():
+    # x = 0.02 − 0.05 · 1000 / 10000 = 0.015; tanh(20 · 0.015) = tanh(0.3)
+    reward = compute_reward(germinate(), action="germinate", param_budget=10_000)
+    assert_close(reward, 0.2913126124515909)
+
+
+def test_failures_and_rollback_are_charged():
+    # x = 0.05 − 0.01 · 2 − 0.05 = −0.02; tanh(−0.4)
+    outcome = germinate(contribution=0.05, params_added=0, failures=2, rolled_back=True)
+    assert_close(compute_reward(outcome, action="germinate"), -0.3799489622552249)
+
+
+def test_without_a_budget_parameters_are_not_charged():
+    outcome = germinate(contribution=0.01, params_added=10**9)
+    assert_close(compute_reward(outcome, action="germinate"), 0.197375320224904)
+
+
+def test_a_seed_that_never_reached_probation_counts_zero_contribution():
+    outcome = germinate(final_stage="CULLED", contribution=None, failures=1, params_added=0)
+    assert_close(compute_reward(outcome, action="germinate", param_budget=100), -0.197375320224904)
+
+
+def test_wait_is_judged_by_the_metric_change():
+    reward = compute_reward({"metric_before": 0.80, "metric_after": 0.83}, action="wait")
+    assert_close(reward, 0.5370495669980341)
+
+
+def test_waiting_through_a_flat_stretch_costs_a_little():
+    # |Δ| = 0.0005 < flat_tol: x = 0.0005 − 0.002; tanh(20 · −0.0015)
+    reward = compute_reward({"metric_before": 0.8, "metric_after": 0.8005}, action="wait")
+    assert_close(reward, -0.029991003238821246)
+
+
+def test_custom_weights_change_the_formula():
+    weights = RewardWeights(scale=1.0, lambda_params=1.0)
+    reward = compute_reward(germinate(), action="germinate", param_budget=1000, weights=weights)
+    assert_close(reward, math.tanh(0.02 - 1.0))
+
+
+def test_reward_stays_in_the_unit_interval():
+    huge = compute_reward(germinate(contribution=1e6), action="germinate")
+    awful = compute_reward(germinate(failures=10**6), action="germinate")
+    assert huge == 1.0 and awful == -1.0
+
+
+@pytest.mark.parametrize(
+    ("outcome", "action", "message"),
+    [
+        ({"metric_before": 0.5}, "wait", r"outcome\.metric_after: missing field"),
+        ({"metric_before": 0.5, "metric_after": 0.6, "x": 1}, "wait", r"outcome\.x: unknown"),
+        (
+            germinate(contribution=math.nan),
+            "germinate",
+            r"outcome\.contribution: expected a finite",
+        ),
+        (germinate(params_added=True), "germinate", r"outcome\.params_added"),
+        (germinate(failures=-1), "germinate", r"outcome\.failures"),
+        (germinate(rolled_back=0), "germinate", r"outcome\.rolled_back"),
+        (germinate(final_stage="GONE"), "germinate", r"outcome\.final_stage"),
+        (
+            {k: v for k, v in germinate().items() if k != "failures"},
+            "germinate",
+            r"outcome\.failures: missing field",
+        ),
+        (germinate(), "prune", r"action: expected 'wait' or 'germinate'"),
+        ([], "wait", r"outcome: expected an object"),
+    ],
+)
+def test_malformed_outcomes_name_the_field(outcome, action, message):
+    with pytest.raises(ValueError, match=message):
+        compute_reward(outcome, action=action)
+
+
+def test_budget_and_weights_are_validated():
+    with pytest.raises(ValueError, match="param_budget"):
+        compute_reward(germinate(), action="germinate", param_budget=0)
+    with pytest.raises(ValueError, match=r"RewardWeights\.scale"):
+        RewardWeights(scale=-1.0)
