@@ -115,3 +115,87 @@ class EmbeddedServer:
             self._log.close()
         if self._home is not None:
             self._home.cleanup()
+
+
+class ServedServer:
+    """gunicorn + a `celery worker` process against DATABASE_URL / CELERY_BROKER_URL (the
+    served mode, Postgres + Redis); migrated, catalogue loaded, a token created."""
+
+    def __init__(self, workers: int = 2) -> None:
+        self.workers = workers
+        self._procs: list = []
+
+    def __enter__(self) -> ServedServer:
+        import os
+        import subprocess
+        import sys
+        import urllib.request
+
+        if not os.environ.get("DATABASE_URL", "").startswith("postgres"):
+            raise SystemExit(
+                "--served needs DATABASE_URL=postgres://... and CELERY_BROKER_URL=redis://..."
+            )
+        root = Path(__file__).resolve().parent.parent
+        bin_dir = Path(sys.executable).parent
+        manage = [sys.executable, str(root / "manage.py")]
+        subprocess.run(
+            [*manage, "migrate", "--no-input"], check=True, cwd=root, stdout=subprocess.DEVNULL
+        )
+        subprocess.run([*manage, "load_catalogue"], check=True, cwd=root, stdout=subprocess.DEVNULL)
+        self.token = subprocess.run(
+            [*manage, "esper_token", "bench", "--create"],
+            check=True,
+            cwd=root,
+            capture_output=True,
+            text=True,
+        ).stdout.strip()
+        port = free_port()
+        self.url = f"http://127.0.0.1:{port}"
+        self._procs.append(
+            subprocess.Popen(
+                [
+                    str(bin_dir / "gunicorn"),
+                    "esper_site.wsgi:application",
+                    "--bind",
+                    f"127.0.0.1:{port}",
+                    "--workers",
+                    str(self.workers),
+                    "--log-level",
+                    "warning",
+                ],
+                cwd=root,
+            )
+        )
+        self._procs.append(
+            subprocess.Popen(
+                [
+                    str(bin_dir / "celery"),
+                    "-A",
+                    "esper_site",
+                    "worker",
+                    "-Q",
+                    "compile,train",
+                    "-c",
+                    "1",
+                    "-l",
+                    "WARNING",
+                ],
+                cwd=root,
+            )
+        )
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            try:
+                with urllib.request.urlopen(f"{self.url}/healthz", timeout=3) as r:
+                    if r.status == 200:
+                        return self
+            except OSError:
+                time.sleep(0.5)
+        self.__exit__()
+        raise RuntimeError("served stack did not become healthy within 120 s")
+
+    def __exit__(self, *exc) -> None:
+        for proc in self._procs:
+            proc.terminate()
+        for proc in self._procs:
+            proc.wait(timeout=30)

@@ -165,6 +165,11 @@ SPECTACULAR_SETTINGS = {
         }
     },
     "SECURITY": [{"tokenAuth": []}],
+    "ENUM_NAME_OVERRIDES": {
+        "BlueprintStatusEnum": "urza.models.Blueprint.Status",
+        "KernelStatusEnum": "urza.models.Kernel.Status",
+        "RunStatusEnum": "tamiyo.models.TrainingRun.Status",
+    },
     # Swagger UI assets ship with the package: the docs page works offline.
     "SWAGGER_UI_DIST": "SIDECAR",
     "SWAGGER_UI_FAVICON_HREF": "SIDECAR",
@@ -201,6 +206,21 @@ ESPER_COMPILER_VERSION = COMPILER_VERSION
 URZA_IR_VALIDATOR = "tezzeret.ir.validate_ir"
 URZA_SIGNATURE_VALIDATOR = "tezzeret.services.signature_validate"
 URZA_COMPILE_TASK = "tezzeret.compile_kernel"
+# Tamiyo trains a new policy each time this many new rewarded experiences arrive (0: off);
+# `celery -A esper_site beat` also runs it on TAMIYO_TRAIN_SCHEDULE_S (seconds; 0: off).
+TAMIYO_TRAIN_EVERY = env.int("TAMIYO_TRAIN_EVERY", default=200)
+TAMIYO_TRAIN_SCHEDULE_S = env.int("TAMIYO_TRAIN_SCHEDULE_S", default=3600)
+CELERY_BEAT_SCHEDULE = (
+    {
+        "train-policy": {
+            "task": "tamiyo.train_policy",
+            "schedule": float(TAMIYO_TRAIN_SCHEDULE_S),
+            "options": {"queue": "train"},
+        }
+    }
+    if TAMIYO_TRAIN_SCHEDULE_S
+    else {}
+)
 ESPER_HEALTH_PING_TIMEOUT = env.float("ESPER_HEALTH_PING_TIMEOUT", default=0.5)
 
 LOGGING = {

@@ -8,6 +8,7 @@ from urza.api.health import HealthzApi
 urlpatterns = [
     path("admin/", admin.site.urls),
     path("api/v1/", include("urza.api.urls")),
+    path("api/v1/", include("tamiyo.api.urls")),
     path(
         "api/schema/",
         SpectacularAPIView.as_view(permission_classes=[AllowAny], authentication_classes=[]),

@@ -455,6 +455,32 @@ class MorphableModel(nn.Module):
             )
         return {"step": self.steps, "layers": layers}
 
+    def graph_document(
+        self,
+        *,
+        progress: float,
+        budget_used: float = 0.0,
+        loss: float | None = None,
+        loss_trend: float | None = None,
+        val_metric: float | None = None,
+        val_trend: float | None = None,
+    ) -> dict:
+        """What `POST /runs/{id}/decisions/` takes: `health()` plus the run's global state."""
+        health = self.health()
+        return {
+            "schema": "esper.graph/1",
+            "step": health["step"],
+            "layers": health["layers"],
+            "globals": {
+                "progress": progress,
+                "loss": loss,
+                "loss_trend": loss_trend,
+                "val_metric": val_metric,
+                "val_trend": val_trend,
+                "budget_used": budget_used,
+            },
+        }
+
     def stats(self) -> dict:
         layers = []
         for name, layer in self._layers.items():

@@ -7,7 +7,7 @@ from django.utils.html import format_html
 from urza.models import Blueprint, Kernel, Tag
 
 
-def _pretty_json(value) -> str:
+def pretty_json(value) -> str:
     return format_html("<pre>{}</pre>", json.dumps(value, indent=2, sort_keys=True))
 
 
@@ -57,7 +57,7 @@ class BlueprintAdmin(admin.ModelAdmin):
 
     @admin.display(description="IR")
     def ir_pretty(self, obj: Blueprint) -> str:
-        return _pretty_json(obj.ir)
+        return pretty_json(obj.ir)
 
     def has_add_permission(self, request) -> bool:
         # New blueprints go through the API or `load_catalogue`, which validate the IR.
@@ -109,11 +109,11 @@ class KernelAdmin(admin.ModelAdmin):
 
     @admin.display(description="signature")
     def signature_pretty(self, obj: Kernel) -> str:
-        return _pretty_json(obj.signature)
+        return pretty_json(obj.signature)
 
     @admin.display(description="validation report")
     def validation_report(self, obj: Kernel) -> str:
-        return _pretty_json(obj.validation)
+        return pretty_json(obj.validation)
 
     @admin.display(description="artifact")
     def download(self, obj: Kernel) -> str:

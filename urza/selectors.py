@@ -29,7 +29,7 @@ class KernelFilter(django_filters.FilterSet):
         fields = ["status", "blueprint"]
 
 
-def _filtered(filterset_class, queryset: QuerySet, filters: dict | None) -> QuerySet:
+def filtered(filterset_class, queryset: QuerySet, filters: dict | None) -> QuerySet:
     filterset = filterset_class(filters or {}, queryset)
     if not filterset.is_valid():
         errors = {k: [str(e) for e in v] for k, v in filterset.errors.items()}
@@ -42,11 +42,11 @@ def _filtered(filterset_class, queryset: QuerySet, filters: dict | None) -> Quer
 
 def blueprint_list(*, filters: dict | None = None) -> QuerySet[Blueprint]:
     qs = Blueprint.objects.prefetch_related("tags").select_related("created_by")
-    return _filtered(BlueprintFilter, qs, filters)
+    return filtered(BlueprintFilter, qs, filters)
 
 
 def kernel_list(*, filters: dict | None = None) -> QuerySet[Kernel]:
-    return _filtered(KernelFilter, Kernel.objects.all(), filters)
+    return filtered(KernelFilter, Kernel.objects.all(), filters)
 
 
 def blueprint_get(*, blueprint_id) -> Blueprint:

@@ -1,0 +1,118 @@
+from django.contrib import admin
+
+from tamiyo.models import Experience, PolicyVersion, TrainingRun
+from urza.admin import pretty_json
+
+
+@admin.register(TrainingRun)
+class TrainingRunAdmin(admin.ModelAdmin):
+    list_display = ["name", "status", "owner", "created_at", "updated_at"]
+    list_filter = ["status"]
+    search_fields = ["name", "id"]
+    readonly_fields = [
+        "id",
+        "model_summary_pretty",
+        "config_pretty",
+        "metrics_pretty",
+        "created_at",
+        "updated_at",
+    ]
+    exclude = ["model_summary", "config", "metrics"]
+
+    @admin.display(description="model summary")
+    def model_summary_pretty(self, obj):
+        return pretty_json(obj.model_summary)
+
+    @admin.display(description="config")
+    def config_pretty(self, obj):
+        return pretty_json(obj.config)
+
+    @admin.display(description="metrics")
+    def metrics_pretty(self, obj):
+        return pretty_json(obj.metrics)
+
+
+@admin.register(Experience)
+class ExperienceAdmin(admin.ModelAdmin):
+    list_display = [
+        "id",
+        "run",
+        "step",
+        "action_short",
+        "policy_name",
+        "policy_version",
+        "reward",
+        "created_at",
+    ]
+    list_filter = ["policy_name", "policy_version", "run__status"]
+    search_fields = ["id", "run__name", "run__id"]
+    list_select_related = ["run", "policy_version"]
+    readonly_fields = [
+        "id",
+        "run",
+        "step",
+        "epoch",
+        "action_pretty",
+        "policy_name",
+        "policy_version",
+        "behavior_logprob",
+        "kernel",
+        "outcome_pretty",
+        "reward",
+        "state_pretty",
+        "created_at",
+        "updated_at",
+    ]
+    exclude = ["state", "action", "outcome", "blueprints", "fits"]
+
+    def has_add_permission(self, request) -> bool:
+        return False
+
+    @admin.display(description="action")
+    def action_short(self, obj):
+        a = obj.action or {}
+        if a.get("action") != "germinate":
+            return "wait"
+        return f"germinate {a.get('layer')}[{a.get('seed')}] bp#{a.get('blueprint_index')}"
+
+    @admin.display(description="action")
+    def action_pretty(self, obj):
+        return pretty_json(obj.action)
+
+    @admin.display(description="outcome")
+    def outcome_pretty(self, obj):
+        return pretty_json(obj.outcome)
+
+    @admin.display(description="state (graph)")
+    def state_pretty(self, obj):
+        return pretty_json(obj.state)
+
+
+@admin.register(PolicyVersion)
+class PolicyVersionAdmin(admin.ModelAdmin):
+    list_display = ["version", "is_active", "experience_count", "created_at"]
+    list_filter = ["is_active"]
+    search_fields = ["version", "checkpoint_sha256"]
+    readonly_fields = [
+        "version",
+        "config_pretty",
+        "checkpoint",
+        "checkpoint_sha256",
+        "metrics_pretty",
+        "experience_count",
+        "is_active",
+        "created_at",
+        "updated_at",
+    ]
+    exclude = ["config", "metrics"]
+
+    def has_add_permission(self, request) -> bool:
+        return False
+
+    @admin.display(description="config")
+    def config_pretty(self, obj):
+        return pretty_json(obj.config)
+
+    @admin.display(description="metrics")
+    def metrics_pretty(self, obj):
+        return pretty_json(obj.metrics)

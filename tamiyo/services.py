@@ -1,0 +1,351 @@
+"""Tamiyo's writes: runs, decisions (with the active policy), outcomes and policy versions."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import threading
+import zlib
+from functools import lru_cache
+
+import torch
+from django.conf import settings
+from django.core.files.base import ContentFile
+from django.db import transaction
+from django.db.models import Max
+
+from tamiyo.graph import GraphError, to_data, validate_graph
+from tamiyo.models import Experience, PolicyVersion, TrainingRun
+from tamiyo.policy import GNNPolicy, HeuristicPolicy, create_policy
+from tamiyo.reward import compute_reward
+from urza import services as urza_services
+from urza.errors import ApplicationError
+from urza.models import Blueprint
+
+logger = logging.getLogger(__name__)
+
+POLICY_NAMES = ("gnn", "heuristic", "random")
+
+
+# -- runs -------------------------------------------------------------------------------
+def run_create(*, name: str, model_summary: dict, config: dict, owner=None) -> TrainingRun:
+    return TrainingRun.objects.create(
+        name=name,
+        model_summary=model_summary,
+        config=config,
+        owner=owner if getattr(owner, "pk", None) else None,
+    )
+
+
+def run_update(
+    *, run: TrainingRun, status: str | None = None, metrics: dict | None = None
+) -> TrainingRun:
+    if status is not None and status != run.status:
+        if run.status != TrainingRun.Status.RUNNING:
+            raise ApplicationError(
+                f"run {run.id} is {run.status}; a finished run cannot change status",
+                code="run_finished",
+                status=409,
+            )
+        run.status = status
+    if metrics is not None:
+        run.metrics = {**run.metrics, **metrics}
+    run.save(update_fields=["status", "metrics", "updated_at"])
+    return run
+
+
+# -- the catalogue as the policy sees it ------------------------------------------------
+def catalogue_descriptors() -> tuple[list[dict], list[Blueprint]]:
+    blueprints = list(
+        Blueprint.objects.filter(status=Blueprint.Status.ACTIVE).order_by("name", "version")
+    )
+    descriptors = [
+        {"id": str(b.id), "name": b.name, "graft": b.ir["graft"], "layout": b.ir["layout"]}
+        for b in blueprints
+    ]
+    return descriptors, blueprints
+
+
+@lru_cache(maxsize=8192)
+def _fits(ir_sha256: str, graft: str, layout: str, n_in: int, n_out: int, dtype: str) -> bool:
+    blueprint = Blueprint.objects.filter(ir_sha256=ir_sha256).only("ir").first()
+    if blueprint is None:
+        return False
+    signature = {"graft": graft, "layout": layout, "in": n_in, "out": n_out, "dtype": dtype}
+    try:
+        urza_services.signature_validate(ir=blueprint.ir, signature=signature)
+    except ApplicationError:
+        return False
+    return True
+
+
+def feasibility(*, doc: dict, blueprints: list[Blueprint], dtype: str) -> list[list[bool]]:
+    """Which (seed site, blueprint) pairs the compiler accepts for that layer's dims."""
+    rows = []
+    for layer in doc["layers"]:
+        row = [
+            _fits(b.ir_sha256, b.ir["graft"], layer["layout"], layer["in"], layer["out"], dtype)
+            for b in blueprints
+        ]
+        rows.extend([row] * len(layer["seeds"]))
+    return rows
+
+
+# -- policies ---------------------------------------------------------------------------
+_policy_cache: dict[int, tuple[str, GNNPolicy]] = {}
+_policy_lock = threading.Lock()
+
+
+def policy_load(*, version: PolicyVersion) -> GNNPolicy:
+    """The GNN of a stored version; the checkpoint's sha256 is checked before it is read."""
+    with _policy_lock:
+        cached = _policy_cache.get(version.version)
+        if cached and cached[0] == version.checkpoint_sha256:
+            return cached[1]
+    with version.checkpoint.open("rb") as handle:
+        data = handle.read()
+    digest = hashlib.sha256(data).hexdigest()
+    if digest != version.checkpoint_sha256:
+        raise ApplicationError(
+            f"checkpoint of policy v{version.version} has sha256 {digest}, expected "
+            f"{version.checkpoint_sha256}; retrain or restore the file",
+            code="checkpoint_corrupt",
+            status=409,
+        )
+    policy = GNNPolicy.load_safetensors(data, version.config)
+    policy.eval()
+    with _policy_lock:
+        _policy_cache[version.version] = (digest, policy)
+    return policy
+
+
+def policy_active() -> tuple[object, PolicyVersion | None, str]:
+    """(policy, version, name): the active GNN, else the heuristic cold-start policy."""
+    version = PolicyVersion.objects.filter(is_active=True).first()
+    if version is not None:
+        try:
+            return policy_load(version=version), version, "gnn"
+        except ApplicationError as exc:
+            logger.error(
+                "active policy unusable; deciding with the heuristic", extra={"error": exc.message}
+            )
+    return HeuristicPolicy(), None, "heuristic"
+
+
+def _rng(run: TrainingRun, step: int) -> torch.Generator:
+    seed = zlib.crc32(f"{run.id}:{step}:{run.experiences.count()}".encode())
+    return torch.Generator().manual_seed(seed)
+
+
+# -- decisions and outcomes -------------------------------------------------------------
+def decision_make(
+    *,
+    run: TrainingRun,
+    graph: object,
+    policy_name: str | None = None,
+    dtype: str = "float32",
+    epoch: int = 0,
+) -> Experience:
+    """Decide with the active policy (or the named baseline), record the experience, and
+    request the kernel of a germinate decision (its compile is queued after commit)."""
+    if run.status != TrainingRun.Status.RUNNING:
+        raise ApplicationError(
+            f"run {run.id} is {run.status}; decisions are made for running runs",
+            code="run_finished",
+            status=409,
+        )
+    try:
+        doc = validate_graph(graph)
+    except GraphError as exc:
+        field = f"graph.{exc.field}" if getattr(exc, "field", "") else "graph"
+        raise ApplicationError(
+            f"{field}: {getattr(exc, 'message', exc)}", detail={field: [str(exc)]}
+        ) from exc
+    descriptors, blueprints = catalogue_descriptors()
+    fits = feasibility(doc=doc, blueprints=blueprints, dtype=dtype)
+    version = None
+    if policy_name in (None, "gnn"):
+        policy, version, used = policy_active()
+    else:
+        policy, used = create_policy(policy_name), policy_name
+    data = to_data(doc)
+    decision = policy.decide(
+        data,
+        descriptors,
+        rng=_rng(run, doc["step"]),
+        fits=torch.tensor(fits, dtype=torch.bool).reshape(len(fits), len(blueprints)),
+    )
+    action = decision.as_action()
+    with transaction.atomic():
+        kernel = None
+        if decision.action == "germinate":
+            blueprint = blueprints[decision.blueprint_index]
+            layer = next(la for la in doc["layers"] if la["name"] == decision.layer)
+            signature = {
+                "graft": blueprint.ir["graft"],
+                "layout": layer["layout"],
+                "in": layer["in"],
+                "out": layer["out"],
+                "dtype": dtype,
+            }
+            kernel, _ = urza_services.kernel_request(blueprint=blueprint, signature=signature)
+            action["blueprint"] = str(blueprint.id)
+        experience = Experience.objects.create(
+            run=run,
+            step=doc["step"],
+            epoch=epoch,
+            state=doc,
+            blueprints=descriptors,
+            fits=fits,
+            action=action,
+            policy_version=version,
+            policy_name=used,
+            behavior_logprob=decision.logprob,
+            kernel=kernel,
+        )
+    return experience
+
+
+def experience_record_outcome(*, experience: Experience, outcome: object) -> Experience:
+    """Store the runtime's measured outcome and the reward computed from it (once)."""
+    if experience.outcome is not None:
+        if experience.outcome == outcome:
+            return experience  # a retried report
+        raise ApplicationError(
+            f"experience {experience.id} already has an outcome; outcomes are reported once",
+            code="outcome_exists",
+            status=409,
+        )
+    budget = experience.run.config.get("param_budget")
+    try:
+        reward = compute_reward(outcome, action=experience.action["action"], param_budget=budget)
+    except ValueError as exc:
+        raise ApplicationError(f"outcome: {exc}", detail={"outcome": [str(exc)]}) from exc
+    updated = Experience.objects.filter(pk=experience.pk, outcome__isnull=True).update(
+        outcome=outcome, reward=reward
+    )
+    experience.refresh_from_db()
+    if updated:
+        _maybe_schedule_training()
+    return experience
+
+
+def _maybe_schedule_training() -> None:
+    """Queue a training job each time TAMIYO_TRAIN_EVERY new rewarded experiences arrive."""
+    every = settings.TAMIYO_TRAIN_EVERY
+    if not every:
+        return
+    rewarded = Experience.objects.filter(reward__isnull=False).count()
+    if rewarded >= 32 and rewarded % every == 0:
+        transaction.on_commit(lambda: policy_train_enqueue(seed=rewarded))
+
+
+# -- policy training --------------------------------------------------------------------
+def training_experiences(*, limit: int | None = None) -> list[dict]:
+    qs = Experience.objects.filter(reward__isnull=False).order_by("created_at")
+    if limit:
+        qs = qs.reverse()[:limit]
+    return [
+        {
+            "state": e.state,
+            "blueprints": e.blueprints,
+            "fits": e.fits,
+            "action": {k: e.action.get(k) for k in ("action", "layer", "seed", "blueprint_index")},
+            "behavior_logprob": e.behavior_logprob,
+            "reward": e.reward,
+        }
+        for e in qs
+    ]
+
+
+def policy_train_enqueue(*, seed: int = 0, epochs: int | None = None) -> None:
+    from esper_site.celery import app
+
+    app.send_task("tamiyo.train_policy", kwargs={"seed": seed, "epochs": epochs}, queue="train")
+
+
+def policy_version_create(
+    *, policy: GNNPolicy, metrics: dict, experience_count: int, activate: bool
+) -> PolicyVersion:
+    data = policy.save_safetensors()
+    digest = hashlib.sha256(data).hexdigest()
+    with transaction.atomic():
+        number = (
+            PolicyVersion.objects.select_for_update().aggregate(m=Max("version"))["m"] or 0
+        ) + 1
+        version = PolicyVersion(
+            version=number,
+            config=policy.config(),
+            checkpoint_sha256=digest,
+            metrics=metrics,
+            experience_count=experience_count,
+        )
+        version.checkpoint.save("policy.safetensors", ContentFile(data), save=False)
+        version.save()
+        if activate:
+            policy_activate(version=version)
+    return version
+
+
+def policy_activate(*, version: PolicyVersion) -> PolicyVersion:
+    with transaction.atomic():
+        PolicyVersion.objects.filter(is_active=True).exclude(pk=version.pk).update(is_active=False)
+        PolicyVersion.objects.filter(pk=version.pk).update(is_active=True)
+    version.refresh_from_db()
+    return version
+
+
+__all__ = [
+    "POLICY_NAMES",
+    "catalogue_descriptors",
+    "decision_make",
+    "experience_record_outcome",
+    "policy_activate",
+    "policy_active",
+    "policy_load",
+    "policy_train_enqueue",
+    "policy_version_create",
+    "run_create",
+    "run_update",
+    "training_experiences",
+]
+
+
+def policy_train(*, seed: int = 0, epochs: int | None = None, limit: int = 5000) -> dict:
+    """Train a candidate from the stored experiences; keep it as a new version, and make it
+    active only if its held-out score is no worse than the current policy's."""
+    from tamiyo.training import DEFAULT_EPOCHS, MIN_EXPERIENCES, evaluate_policy, train_policy
+
+    experiences = training_experiences(limit=limit)
+    if len(experiences) < MIN_EXPERIENCES:
+        return {
+            "status": "skipped",
+            "reason": f"need at least {MIN_EXPERIENCES} experiences "
+            f"with rewards, have {len(experiences)}",
+        }
+    current, current_version, current_name = policy_active()
+    start = current if isinstance(current, GNNPolicy) else None
+    result = train_policy(start, experiences, seed=seed, epochs=epochs or DEFAULT_EPOCHS)
+    heldout = [experiences[i] for i in result.heldout_indices]
+    candidate_score = evaluate_policy(result.policy, heldout)
+    current_score = evaluate_policy(current, heldout)
+    # NaN means no held-out weight: a candidate that can't be scored never replaces anything.
+    better = candidate_score == candidate_score and (
+        current_score != current_score or candidate_score >= current_score
+    )
+    metrics = {
+        **result.metrics,
+        "heldout_score_candidate": candidate_score,
+        "heldout_score_current": current_score,
+        "compared_with": current_name if current_version is None else f"v{current_version.version}",
+    }
+    version = policy_version_create(
+        policy=result.policy, metrics=metrics, experience_count=len(experiences), activate=better
+    )
+    return {
+        "status": "trained",
+        "version": version.version,
+        "activated": better,
+        "heldout_score": candidate_score,
+        "current_score": current_score,
+    }

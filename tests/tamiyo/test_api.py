@@ -1,0 +1,182 @@
+import math
+
+import pytest
+
+from tamiyo.models import Experience, TrainingRun
+from tests.tamiyo._runtime import graph_doc, health_snapshot
+
+pytestmark = [pytest.mark.django_db]
+
+
+@pytest.fixture(scope="module")
+def health():
+    return health_snapshot()
+
+
+@pytest.fixture
+def run(api_client):
+    response = api_client.post(
+        "/api/v1/runs/", {"name": "test-run", "config": {"param_budget": 10000}}, format="json"
+    )
+    assert response.status_code == 201, response.content
+    return response.json()
+
+
+def _error(response):
+    body = response.json()
+    assert set(body["error"]) == {"code", "message", "detail"}
+    return body["error"]
+
+
+def _decide(api_client, run, doc, **extra):
+    return api_client.post(
+        f"/api/v1/runs/{run['id']}/decisions/", {"graph": doc, **extra}, format="json"
+    )
+
+
+@pytest.mark.fast
+def test_a_decision_is_recorded_with_state_action_and_behaviour_logprob(
+    api_client, run, health, catalogue
+):
+    response = _decide(api_client, run, graph_doc(health), policy="random")
+    assert response.status_code == 201, response.content
+    body = response.json()
+    experience = Experience.objects.get(pk=body["experience"])
+    assert experience.policy_name == "random" and experience.policy_version is None
+    assert experience.state["layers"][0]["name"] == "0"
+    assert math.isfinite(body["logprob"]) and body["logprob"] <= 0
+    assert experience.behavior_logprob == body["logprob"]
+    if body["action"] == "germinate":
+        assert body["kernel"] and body["blueprint"] and body["layer"] in {"0", "2", "4", "6"}
+        assert str(experience.kernel_id) == body["kernel"]
+    else:
+        assert body["kernel"] is None and body["layer"] is None
+
+
+def test_cold_start_decisions_use_the_heuristic_policy(api_client, run, health, catalogue):
+    body = _decide(api_client, run, graph_doc(health)).json()
+    assert body["policy"] == "heuristic" and body["policy_version"] is None
+
+
+@pytest.mark.fast
+def test_germinate_decisions_never_pick_a_blueprint_that_does_not_fit(
+    api_client, run, health, catalogue
+):
+    for _ in range(25):
+        body = _decide(api_client, run, graph_doc(health), policy="random").json()
+        if body["action"] == "germinate":
+            from urza.models import Blueprint
+
+            blueprint = Blueprint.objects.get(pk=body["blueprint"])
+            assert blueprint.ir["layout"] == "features"
+
+
+@pytest.mark.parametrize(
+    "mutate, field",
+    [
+        (
+            lambda d: d["layers"][0]["activation"].update(std=float("nan")),
+            "graph.layers[0].activation.std",
+        ),
+        (lambda d: d["layers"][1].pop("out"), "graph.layers[1].out"),
+        (lambda d: d["globals"].update(colour=1), "graph.globals.colour"),
+    ],
+    ids=["nan", "missing", "extra"],
+)
+def test_a_bad_graph_gets_400_naming_the_field_and_records_nothing(
+    api_client, run, health, catalogue, mutate, field
+):
+    import copy
+    import json
+
+    doc = copy.deepcopy(graph_doc(health))
+    mutate(doc)
+    payload = json.dumps({"graph": doc}, allow_nan=True)
+    response = api_client.post(
+        f"/api/v1/runs/{run['id']}/decisions/", payload, content_type="application/json"
+    )
+    assert response.status_code == 400, response.content
+    error = _error(response)
+    if field.endswith(".std"):  # NaN is not JSON: the parser refuses the body outright
+        assert error["code"] == "parse_error" and "NaN" in error["message"]
+    else:
+        assert field in error["detail"], error
+    assert not Experience.objects.exists()
+
+
+def test_decisions_for_an_unknown_or_finished_run_are_refused(api_client, run, health):
+    unknown = api_client.post(
+        "/api/v1/runs/00000000-0000-0000-0000-000000000000/decisions/",
+        {"graph": graph_doc(health)},
+        format="json",
+    )
+    assert unknown.status_code == 404
+    finished = api_client.patch(f"/api/v1/runs/{run['id']}/", {"status": "finished"}, format="json")
+    assert finished.status_code == 200 and finished.json()["status"] == "finished"
+    refused = _decide(api_client, run, graph_doc(health))
+    assert refused.status_code == 409 and _error(refused)["code"] == "run_finished"
+    again = api_client.patch(f"/api/v1/runs/{run['id']}/", {"status": "running"}, format="json")
+    assert again.status_code == 409
+    assert TrainingRun.objects.get(pk=run["id"]).status == "finished"
+
+
+def test_an_outcome_gets_a_reward_once(api_client, run, health, catalogue):
+    body = _decide(api_client, run, graph_doc(health), policy="heuristic").json()
+    if body["action"] == "germinate":
+        outcome = {
+            "final_stage": "FOSSILIZED",
+            "contribution": 0.02,
+            "metric_before": 0.7,
+            "metric_after": 0.72,
+            "params_added": 1000,
+            "failures": 0,
+            "rolled_back": False,
+        }
+        expected = math.tanh(20 * (0.02 - 0.05 * 1000 / 10000))
+    else:
+        outcome = {"metric_before": 0.70, "metric_after": 0.71}
+        expected = math.tanh(20 * 0.01)
+    url = f"/api/v1/experiences/{body['experience']}/"
+    response = api_client.patch(url, {"outcome": outcome}, format="json")
+    assert response.status_code == 200, response.content
+    assert response.json()["reward"] == pytest.approx(expected)
+    retried = api_client.patch(url, {"outcome": outcome}, format="json")
+    assert retried.status_code == 200 and retried.json()["reward"] == pytest.approx(expected)
+    other = api_client.patch(url, {"outcome": {**outcome, "metric_after": 0.1}}, format="json")
+    assert other.status_code == 409
+
+
+def test_an_invalid_outcome_gets_400_and_no_reward(api_client, run, health, catalogue):
+    body = _decide(api_client, run, graph_doc(health), policy="heuristic").json()
+    url = f"/api/v1/experiences/{body['experience']}/"
+    response = api_client.patch(url, {"outcome": {"metric_before": "high"}}, format="json")
+    assert response.status_code == 400
+    assert "outcome" in _error(response)["detail"]
+    assert Experience.objects.get(pk=body["experience"]).reward is None
+
+
+def test_training_with_too_few_experiences_is_refused(api_client):
+    response = api_client.post("/api/v1/policies/train/", {}, format="json")
+    assert response.status_code == 400
+    assert "at least 32" in _error(response)["message"]
+
+
+def test_no_active_policy_is_a_clear_404(api_client):
+    response = api_client.get("/api/v1/policies/active/")
+    assert response.status_code == 404
+    assert "heuristic" in _error(response)["message"]
+    assert api_client.get("/api/v1/policies/").json()["count"] == 0
+
+
+def test_runs_and_experiences_are_browsable_in_the_admin(
+    admin_client, api_client, run, health, catalogue
+):
+    body = _decide(api_client, run, graph_doc(health), policy="random").json()
+    page = admin_client.get("/admin/tamiyo/experience/", {"q": "test-run"})
+    assert page.status_code == 200 and body["experience"] in page.content.decode()
+    assert (
+        admin_client.get(f"/admin/tamiyo/experience/{body['experience']}/change/").status_code
+        == 200
+    )
+    assert admin_client.get(f"/admin/tamiyo/trainingrun/{run['id']}/change/").status_code == 200
+    assert admin_client.get("/admin/tamiyo/policyversion/").status_code == 200
