@@ -2,8 +2,12 @@
 
 An experience is ``{"state": graph doc, "blueprints": [descriptors at decision time],
 "action": {"action", "layer", "seed", "blueprint_index"}, "behavior_logprob": float,
-"reward": float | None}`` (other keys, such as an id, are ignored; unrewarded ones are
-skipped).
+"reward": float | None, "fits"?: [[bool] * K] * N | None}`` (other keys, such as an id, are
+ignored; unrewarded ones are skipped). ``fits`` is the server's feasibility mask at decision
+time, one row per seed site in graph order and one column per blueprint (absent or null: all
+compilable); it restricts every log-probability here to the actions the behaviour policy
+could choose. Experiences whose action is illegal (by the policy's masks or by ``fits``) are
+left out of training and weigh 0 in evaluation.
 
 Objective, per experience with behaviour log-prob b, reward R and value V(s)::
 
@@ -37,6 +41,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from torch import Tensor
 from torch_geometric.data import Data
 
 from tamiyo.graph import GraphError, to_data
@@ -74,6 +79,7 @@ class _Sample:
     action: dict
     behavior_logprob: float
     reward: float
+    fits: Tensor | None = None
 
 
 def _action(raw: object, where: str) -> dict:
@@ -87,6 +93,23 @@ def _action(raw: object, where: str) -> dict:
                 f"{where}.action.{key}: expected {kind.__name__} for a germinate action"
             )
     return {key: raw[key] for key in ("action", "layer", "seed", "blueprint_index")}
+
+
+def _fits(raw: object, data: Data, num_blueprints: int, where: str) -> Tensor | None:
+    if raw is None:
+        return None
+    n, k = data.num_nodes, num_blueprints
+    if not isinstance(raw, list | tuple) or len(raw) != n:
+        raise ValueError(
+            f"{where}.fits: expected {n} rows (one per seed site, in graph order) of {k} "
+            "booleans (one per blueprint), or null"
+        )
+    for j, row in enumerate(raw):
+        if not isinstance(row, list | tuple) or len(row) != k:
+            raise ValueError(f"{where}.fits[{j}]: expected {k} booleans (one per blueprint)")
+        if not all(isinstance(v, bool) for v in row):
+            raise ValueError(f"{where}.fits[{j}]: expected booleans, got {list(row)!r}")
+    return torch.tensor(raw, dtype=torch.bool).reshape(n, k)
 
 
 def _samples(experiences: Sequence[Mapping]) -> list[_Sample]:
@@ -119,7 +142,9 @@ def _samples(experiences: Sequence[Mapping]) -> list[_Sample]:
             bps = validate_blueprints(exp["blueprints"])
         except ValueError as exc:
             raise ValueError(f"{where}.{exc}") from exc
-        out.append(_Sample(i, data, bps, _action(exp["action"], where), float(blp), float(reward)))
+        action = _action(exp["action"], where)
+        fits = _fits(exp.get("fits"), data, len(bps), where)
+        out.append(_Sample(i, data, bps, action, float(blp), float(reward), fits))
     return out
 
 
@@ -127,7 +152,9 @@ def _is_legal(sample: _Sample, one_per_layer: bool) -> bool:
     a = sample.action
     if a["action"] == "wait":
         return True
-    mask = action_mask(sample.data, sample.blueprints, one_per_layer=one_per_layer)
+    mask = action_mask(
+        sample.data, sample.blueprints, one_per_layer=one_per_layer, fits=sample.fits
+    )
     for n, (layer, seed) in enumerate(
         zip(sample.data.node_layer, sample.data.node_seed.tolist(), strict=True)
     ):
@@ -138,7 +165,10 @@ def _is_legal(sample: _Sample, one_per_layer: bool) -> bool:
 
 def _evaluate(model: GNNPolicy, samples: Sequence[_Sample]) -> tuple[torch.Tensor, ...]:
     return model.evaluate(
-        [s.data for s in samples], [s.blueprints for s in samples], [s.action for s in samples]
+        [s.data for s in samples],
+        [s.blueprints for s in samples],
+        [s.action for s in samples],
+        fits=[s.fits for s in samples],
     )
 
 
@@ -151,10 +181,12 @@ def _logprobs(policy: Policy, samples: Sequence[_Sample], *, greedy: bool) -> li
             for start in range(0, len(samples), 64):
                 chunk = samples[start : start + 64]
                 dists += policy.distributions(
-                    [s.data for s in chunk], [s.blueprints for s in chunk]
+                    [s.data for s in chunk],
+                    [s.blueprints for s in chunk],
+                    fits=[s.fits for s in chunk],
                 )
         else:
-            dists = [policy.distribution(s.data, s.blueprints) for s in samples]
+            dists = [policy.distribution(s.data, s.blueprints, fits=s.fits) for s in samples]
         for dist, s in zip(dists, samples, strict=True):
             if greedy:
                 out.append(

@@ -1,4 +1,7 @@
 import math
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -16,7 +19,7 @@ from tamiyo.policy import (
     name_bucket,
     validate_blueprints,
 )
-from tests.tamiyo.test_graph import make_doc, make_layer
+from tests.tamiyo._snapshots import make_doc, make_layer
 
 CATALOGUE = [
     {
@@ -45,24 +48,25 @@ CATALOGUE = [
 ]
 
 
-@pytest.fixture(autouse=True)
-def _seeded():
-    torch.manual_seed(0)
+WAIT = {"action": "wait", "layer": None, "seed": None, "blueprint_index": None}
 
 
-def _all_actions(data, blueprints) -> list[dict]:
-    mask = action_mask(data, blueprints)
-    actions = [{"action": "wait", "layer": None, "seed": None, "blueprint_index": None}]
-    for n, k in torch.nonzero(mask).tolist():
-        actions.append(
-            {
-                "action": "germinate",
-                "layer": data.node_layer[n],
-                "seed": int(data.node_seed[n]),
-                "blueprint_index": k,
-            }
-        )
-    return actions
+def _germinate(data, n: int, k: int) -> dict:
+    layer, seed = data.node_layer[n], int(data.node_seed[n])
+    return {"action": "germinate", "layer": layer, "seed": seed, "blueprint_index": k}
+
+
+def _all_actions(data, blueprints, fits=None) -> list[dict]:
+    mask = action_mask(data, blueprints, fits=fits)
+    return [WAIT] + [_germinate(data, n, k) for n, k in torch.nonzero(mask).tolist()]
+
+
+def _compilable(data, *, limit: int = 2048, broken_layer: str = "1") -> torch.Tensor:
+    """A server's feasibility mask for `CATALOGUE`: nothing over ``limit`` parameters
+    compiles, and nothing at all at ``broken_layer``."""
+    small = torch.tensor([(b.get("params_estimate") or 0) <= limit for b in CATALOGUE])
+    site = torch.tensor([layer != broken_layer for layer in data.node_layer])
+    return site[:, None] & small[None, :]
 
 
 def _busy_doc() -> dict:
@@ -229,3 +233,90 @@ def test_create_policy_builds_by_name_and_lists_names_on_error():
     assert create_policy("heuristic").name == "heuristic"
     with pytest.raises(ValueError, match="choose one of gnn, heuristic, random"):
         create_policy("oracle")
+
+
+def test_fits_is_anded_into_the_action_mask():
+    data = to_data(make_doc())
+    fits = _compilable(data)
+    mask = action_mask(data, CATALOGUE, fits=fits)
+    assert torch.equal(mask, action_mask(data, CATALOGUE) & fits)
+    assert mask.sum() == 6  # layer "0": b and e on both seeds; Conv2d layer "2": c on both
+
+
+@pytest.mark.parametrize(
+    ("name", "kwargs"), [("gnn", {}), ("random", {"p_wait": 0.1}), ("heuristic", {})]
+)
+def test_pairs_the_server_cannot_compile_are_never_chosen_and_the_rest_sum_to_one(name, kwargs):
+    policy = create_policy(name, **kwargs)
+    data = to_data(make_doc(loss_trend=0.0))
+    fits = _compilable(data)
+    dist = policy.distribution(data, CATALOGUE, fits=fits)
+    legal = _all_actions(data, CATALOGUE, fits=fits)
+    assert len(legal) == 1 + 6
+    assert_close(torch.stack([dist.log_prob(a) for a in legal]).exp().sum(), torch.tensor(1.0))
+    refused = torch.nonzero(action_mask(data, CATALOGUE) & ~fits).tolist()
+    assert len(refused) == 8
+    for n, k in refused:
+        assert dist.log_prob(_germinate(data, n, k)) == -math.inf
+    rng = torch.Generator().manual_seed(0)
+    decisions = [policy.decide(data, CATALOGUE, rng=rng, fits=fits) for _ in range(60)]
+    decisions.append(policy.decide(data, CATALOGUE, rng=rng, greedy=True, fits=fits))
+    grown = [d for d in decisions if d.action == "germinate"]
+    assert grown
+    for d in grown:
+        assert fits[data.node_layer.index(d.layer) + d.seed, d.blueprint_index]
+        assert_close(d.logprob, float(dist.log_prob(d.as_action()).detach()))
+
+
+def test_gnn_evaluate_applies_each_graphs_own_fits():
+    policy = GNNPolicy()
+    data = to_data(make_doc())
+    fits = _compilable(data)
+    every = _all_actions(data, CATALOGUE)
+    logps, _, _ = policy.evaluate([data] * len(every), CATALOGUE, every, fits=[fits] * len(every))
+    dist = policy.distribution(data, CATALOGUE, fits=fits)
+    assert_close(logps, torch.stack([dist.log_prob(a) for a in every]))
+    assert int((logps == -math.inf).sum()) == 8
+    assert_close(logps.exp().sum(), torch.tensor(1.0))
+    wide = _germinate(data, 0, 0)  # 4096 parameters: over the server's limit
+    mixed, _, _ = policy.evaluate([data, data], CATALOGUE, [wide, wide], fits=[None, fits])
+    assert_close(mixed[0], policy.distribution(data, CATALOGUE).log_prob(wide))
+    assert mixed[1] == -math.inf
+
+
+def test_heuristic_picks_the_smallest_blueprint_the_server_can_compile():
+    layers = [make_layer("0"), make_layer("1", grad_norm=3.0), make_layer("2", "Conv2d")]
+    plateau = to_data(make_doc(layers, loss_trend=0.001))
+    fits = torch.ones(6, len(CATALOGUE), dtype=torch.bool)
+    fits[:, 1] = False  # lowrank-parallel, the smallest, compiles nowhere
+    rng = torch.Generator().manual_seed(0)
+    d = HeuristicPolicy().decide(plateau, CATALOGUE, rng=rng, greedy=True, fits=fits)
+    assert (d.action, d.layer, d.seed, d.blueprint_index) == ("germinate", "1", 0, 4)
+
+
+@pytest.mark.parametrize(
+    "fits",
+    [torch.ones(6, 4, dtype=torch.bool), torch.ones(6, 5), [[True] * 5] * 6],
+    ids=["wrong-shape", "float", "list"],
+)
+def test_a_malformed_fits_mask_is_refused_naming_the_field(fits):
+    data = to_data(make_doc())
+    with pytest.raises(ValueError, match=r"^fits: expected a torch.bool tensor of shape \[6, 5\]"):
+        action_mask(data, CATALOGUE, fits=fits)
+    for policy in (RandomPolicy(), HeuristicPolicy(), GNNPolicy()):
+        with pytest.raises(ValueError, match=r"^fits: expected"):
+            policy.decide(data, CATALOGUE, rng=torch.Generator(), fits=fits)
+    with pytest.raises(ValueError, match=r"^fits\[1\]: expected a torch.bool tensor"):
+        GNNPolicy().distributions([data, data], [CATALOGUE] * 2, fits=[None, fits])
+
+
+def test_gnn_needs_one_fits_entry_per_graph():
+    data = to_data(make_doc())
+    with pytest.raises(ValueError, match=r"fits: expected a list of 2 masks"):
+        GNNPolicy().evaluate([data, data], CATALOGUE, [WAIT, WAIT], fits=[None])
+
+
+def test_the_gnn_module_can_be_imported_before_tamiyo_policy():
+    code = "import tamiyo._gnn as g, tamiyo.policy as p; assert g.GNNPolicy is p.POLICIES['gnn']"
+    root = Path(__file__).resolve().parents[2]
+    subprocess.run([sys.executable, "-c", code], cwd=root, check=True, timeout=120)

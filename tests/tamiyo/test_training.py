@@ -1,3 +1,4 @@
+import math
 import random
 
 import pytest
@@ -7,7 +8,7 @@ from torch.testing import assert_close
 from tamiyo.graph import to_data
 from tamiyo.policy import GNNPolicy, RandomPolicy
 from tamiyo.training import MIN_EXPERIENCES, evaluate_policy, train_policy
-from tests.tamiyo.test_graph import make_doc, make_layer, make_seed
+from tests.tamiyo._snapshots import make_doc, make_layer, make_seed
 
 CATALOGUE = [
     {
@@ -33,11 +34,6 @@ CATALOGUE = [
     },
 ]
 DIMS = [(16, 32), (32, 32), (32, 32), (32, 10)]
-
-
-@pytest.fixture(autouse=True)
-def _seeded():
-    torch.manual_seed(0)
 
 
 def random_state(r: random.Random) -> dict:
@@ -85,23 +81,43 @@ def env_reward(action: dict) -> float:
     return 0.8 if action["layer"] == "1" else -0.3
 
 
-def collect(n: int, seed: int) -> list[dict]:
+def compilable(state: dict) -> list[list[bool]]:
+    """The server's feasibility mask: a blueprint compiles where its parameter count at the
+    layer's width (``params_estimate · in / 16``) is at most 1000, so on the 32-wide layers
+    only bp-b does."""
+    return [
+        [bp["params_estimate"] * layer["in"] / 16 <= 1000 for bp in CATALOGUE]
+        for layer in state["layers"]
+        for _ in layer["seeds"]
+    ]
+
+
+def collect(n: int, seed: int, *, with_fits: bool = False) -> list[dict]:
     r, rng = random.Random(seed), torch.Generator().manual_seed(seed)
     policy = RandomPolicy()
     out = []
     for _ in range(n):
         state = random_state(r)
-        d = policy.decide(to_data(state), CATALOGUE, rng=rng)
-        out.append(
-            {
-                "state": state,
-                "blueprints": CATALOGUE,
-                "action": d.as_action(),
-                "behavior_logprob": d.logprob,
-                "reward": env_reward(d.as_action()),
-            }
-        )
+        fits = compilable(state) if with_fits else None
+        mask = None if fits is None else torch.tensor(fits)
+        d = policy.decide(to_data(state), CATALOGUE, rng=rng, fits=mask)
+        experience = {
+            "state": state,
+            "blueprints": CATALOGUE,
+            "action": d.as_action(),
+            "behavior_logprob": d.logprob,
+            "reward": env_reward(d.as_action()),
+        }
+        if with_fits:
+            experience["fits"] = fits
+        out.append(experience)
     return out
+
+
+def site(state: dict, action: dict) -> int:
+    """The node index of an action's seed site in `to_data` order."""
+    names = [layer["name"] for layer in state["layers"] for _ in layer["seeds"]]
+    return names.index(action["layer"]) + action["seed"]
 
 
 def grow_at_layer_1_rate(policy, *, greedy: bool, n: int = 150) -> float:
@@ -179,4 +195,64 @@ def test_malformed_experiences_are_named():
     experiences = collect(MIN_EXPERIENCES, seed=5)
     del experiences[5]["behavior_logprob"]
     with pytest.raises(ValueError, match=r"experiences\[5\]\.behavior_logprob: missing"):
+        evaluate_policy(RandomPolicy(), experiences)
+
+
+def test_training_and_evaluation_use_the_fits_mask_the_behaviour_policy_saw():
+    experiences = collect(40, seed=6, with_fits=True)
+    experiences[0]["fits"] = None  # null: everything compiled
+    experiences[0]["behavior_logprob"] = float(
+        RandomPolicy()
+        .distribution(to_data(experiences[0]["state"]), CATALOGUE)
+        .log_prob(experiences[0]["action"])
+    )
+    mean = sum(e["reward"] for e in experiences) / len(experiences)
+    # On-policy, every importance weight is exactly 1 only if fits renormalises as it did
+    assert_close(evaluate_policy(RandomPolicy(), experiences), mean)
+    stripped = [{k: v for k, v in e.items() if k != "fits"} for e in experiences]
+    assert abs(evaluate_policy(RandomPolicy(), stripped) - mean) > 1e-3
+    result = train_policy(None, experiences, seed=0, epochs=2)
+    m = result.metrics
+    assert (m["train_count"], m["heldout_count"], m["skipped_illegal"]) == (32, 8, 0)
+    assert m["heldout_score"] is not None and math.isfinite(m["heldout_loss"])
+    # Every stored action is legal either way, so only the loss's log-probabilities differ
+    unmasked = train_policy(None, stripped, seed=0, epochs=2).metrics
+    assert unmasked["skipped_illegal"] == 0
+    assert abs(unmasked["history"][0]["train_loss"] - m["history"][0]["train_loss"]) > 1e-4
+    r, rng = random.Random(5), torch.Generator().manual_seed(5)
+    for _ in range(20):
+        state = random_state(r)
+        fits = torch.tensor(compilable(state))
+        d = result.policy.decide(to_data(state), CATALOGUE, rng=rng, fits=fits)
+        assert d.action == "wait" or fits[site(state, d.as_action()), d.blueprint_index]
+
+
+def test_an_action_the_server_could_not_compile_is_skipped_like_any_illegal_action():
+    experiences = collect(40, seed=7)
+    grows = [i for i, e in enumerate(experiences) if e["action"]["action"] == "germinate"]
+    by_fits, by_layout = grows[:3], grows[3:5]
+    for i in by_fits:
+        e = experiences[i]
+        fits = [[True] * len(CATALOGUE) for _ in range(8)]
+        fits[site(e["state"], e["action"])][e["action"]["blueprint_index"]] = False
+        e["fits"] = fits
+    for i in by_layout:
+        experiences[i]["action"]["blueprint_index"] = 2  # a channels blueprint on nn.Linear
+    result = train_policy(None, experiences, seed=0, epochs=1, heldout_fraction=0.0)
+    assert (result.metrics["train_count"], result.metrics["skipped_illegal"]) == (35, 5)
+    legal = [e for i, e in enumerate(experiences) if i not in by_fits + by_layout]
+    for policy in (RandomPolicy(), result.policy):
+        assert_close(evaluate_policy(policy, experiences), evaluate_policy(policy, legal))
+
+
+def test_malformed_fits_masks_are_named():
+    experiences = collect(MIN_EXPERIENCES, seed=5, with_fits=True)
+    experiences[2]["fits"] = experiences[2]["fits"][:7]
+    with pytest.raises(ValueError, match=r"experiences\[2\]\.fits: expected 8 rows"):
+        train_policy(None, experiences, seed=0)
+    experiences[2]["fits"].append([True, 1, False])
+    with pytest.raises(ValueError, match=r"experiences\[2\]\.fits\[7\]: expected booleans"):
+        evaluate_policy(RandomPolicy(), experiences)
+    experiences[2]["fits"][7] = [True, False]
+    with pytest.raises(ValueError, match=r"experiences\[2\]\.fits\[7\]: expected 3 booleans"):
         evaluate_policy(RandomPolicy(), experiences)
