@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import threading
-import zlib
 from functools import lru_cache
 
 import torch
@@ -132,9 +132,9 @@ def policy_active() -> tuple[object, PolicyVersion | None, str]:
     return HeuristicPolicy(), None, "heuristic"
 
 
-def _rng(run: TrainingRun, step: int) -> torch.Generator:
-    seed = zlib.crc32(f"{run.id}:{step}:{run.experiences.count()}".encode())
-    return torch.Generator().manual_seed(seed)
+def _rng() -> torch.Generator:
+    """A fresh sampling seed per decision (its log-probability is what is recorded)."""
+    return torch.Generator().manual_seed(int.from_bytes(os.urandom(8), "little") >> 1)
 
 
 # -- decisions and outcomes -------------------------------------------------------------
@@ -172,7 +172,7 @@ def decision_make(
     decision = policy.decide(
         data,
         descriptors,
-        rng=_rng(run, doc["step"]),
+        rng=_rng(),
         fits=torch.tensor(fits, dtype=torch.bool).reshape(len(fits), len(blueprints)),
     )
     action = decision.as_action()

@@ -147,6 +147,8 @@ class DecisionApi(GenericAPIView):
         class Meta:
             ref_name = "Decision"
 
+    serializer_class = InputSerializer  # for OPTIONS metadata
+
     @extend_schema(
         request=InputSerializer,
         responses={
@@ -251,6 +253,8 @@ class PolicyTrainApi(GenericAPIView):
 
         class Meta:
             ref_name = "PolicyTrain"
+
+    serializer_class = InputSerializer  # for OPTIONS metadata
 
     @extend_schema(
         request=InputSerializer,
