@@ -1,7 +1,7 @@
 from django.contrib import admin
 
 from tamiyo.models import Experience, PolicyVersion, TrainingRun
-from urza.admin import pretty_json
+from urza.admin import json_display
 
 
 @admin.register(TrainingRun)
@@ -19,17 +19,11 @@ class TrainingRunAdmin(admin.ModelAdmin):
     ]
     exclude = ["model_summary", "config", "metrics"]
 
-    @admin.display(description="model summary")
-    def model_summary_pretty(self, obj):
-        return pretty_json(obj.model_summary)
+    model_summary_pretty = json_display("model_summary", "model summary")
 
-    @admin.display(description="config")
-    def config_pretty(self, obj):
-        return pretty_json(obj.config)
+    config_pretty = json_display("config", "config")
 
-    @admin.display(description="metrics")
-    def metrics_pretty(self, obj):
-        return pretty_json(obj.metrics)
+    metrics_pretty = json_display("metrics", "metrics")
 
 
 @admin.register(Experience)
@@ -75,17 +69,11 @@ class ExperienceAdmin(admin.ModelAdmin):
             return "wait"
         return f"germinate {a.get('layer')}[{a.get('seed')}] bp#{a.get('blueprint_index')}"
 
-    @admin.display(description="action")
-    def action_pretty(self, obj):
-        return pretty_json(obj.action)
+    action_pretty = json_display("action", "action")
 
-    @admin.display(description="outcome")
-    def outcome_pretty(self, obj):
-        return pretty_json(obj.outcome)
+    outcome_pretty = json_display("outcome", "outcome")
 
-    @admin.display(description="state (graph)")
-    def state_pretty(self, obj):
-        return pretty_json(obj.state)
+    state_pretty = json_display("state", "state (graph)")
 
 
 @admin.register(PolicyVersion)
@@ -109,10 +97,6 @@ class PolicyVersionAdmin(admin.ModelAdmin):
     def has_add_permission(self, request) -> bool:
         return False
 
-    @admin.display(description="config")
-    def config_pretty(self, obj):
-        return pretty_json(obj.config)
+    config_pretty = json_display("config", "config")
 
-    @admin.display(description="metrics")
-    def metrics_pretty(self, obj):
-        return pretty_json(obj.metrics)
+    metrics_pretty = json_display("metrics", "metrics")

@@ -11,6 +11,16 @@ def pretty_json(value) -> str:
     return format_html("<pre>{}</pre>", json.dumps(value, indent=2, sort_keys=True))
 
 
+def json_display(field: str, description: str | None = None):
+    """A read-only admin column/field that shows a JSON field indented."""
+
+    @admin.display(description=description or field.replace("_", " "))
+    def show(self, obj) -> str:
+        return pretty_json(getattr(obj, field))
+
+    return show
+
+
 @admin.register(Tag)
 class TagAdmin(admin.ModelAdmin):
     search_fields = ["name"]
@@ -55,9 +65,7 @@ class BlueprintAdmin(admin.ModelAdmin):
     def tag_list(self, obj: Blueprint) -> str:
         return ", ".join(t.name for t in obj.tags.all())
 
-    @admin.display(description="IR")
-    def ir_pretty(self, obj: Blueprint) -> str:
-        return pretty_json(obj.ir)
+    ir_pretty = json_display("ir", "IR")
 
     def has_add_permission(self, request) -> bool:
         # New blueprints go through the API or `load_catalogue`, which validate the IR.
@@ -107,13 +115,8 @@ class KernelAdmin(admin.ModelAdmin):
         s = obj.signature or {}
         return f"{s.get('graft')}/{s.get('layout')} {s.get('in')}→{s.get('out')} {s.get('dtype')}"
 
-    @admin.display(description="signature")
-    def signature_pretty(self, obj: Kernel) -> str:
-        return pretty_json(obj.signature)
-
-    @admin.display(description="validation report")
-    def validation_report(self, obj: Kernel) -> str:
-        return pretty_json(obj.validation)
+    signature_pretty = json_display("signature")
+    validation_report = json_display("validation", "validation report")
 
     @admin.display(description="artifact")
     def download(self, obj: Kernel) -> str:
