@@ -11,7 +11,7 @@ from functools import lru_cache
 import torch
 from django.conf import settings
 from django.core.files.base import ContentFile
-from django.db import transaction
+from django.db import IntegrityError, transaction
 from django.db.models import Max
 
 from tamiyo.graph import GraphError, to_data, validate_graph
@@ -176,6 +176,19 @@ def decision_make(
         fits=torch.tensor(fits, dtype=torch.bool).reshape(len(fits), len(blueprints)),
     )
     action = decision.as_action()
+    try:
+        return _experience_record(
+            run, doc, decision, action, blueprints, descriptors, fits, version, used, dtype, epoch
+        )
+    except IntegrityError as exc:  # the run was deleted while deciding
+        raise ApplicationError(
+            f"run {run.id} no longer exists", code="not_found", status=404
+        ) from exc
+
+
+def _experience_record(
+    run, doc, decision, action, blueprints, descriptors, fits, version, used, dtype, epoch
+) -> Experience:
     with transaction.atomic():
         kernel = None
         if decision.action == "germinate":
