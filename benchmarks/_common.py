@@ -34,6 +34,45 @@ def save(name: str, payload: dict) -> Path:
     return path
 
 
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def prepare_database(env: dict | None = None) -> str:
+    """Migrate (the catalogue comes with the migrations) and return a fresh API token."""
+    import subprocess
+    import sys
+
+    manage = [sys.executable, str(ROOT / "manage.py")]
+    subprocess.run(
+        [*manage, "migrate", "--no-input"], env=env, check=True, cwd=ROOT, stdout=subprocess.DEVNULL
+    )
+    subprocess.run(
+        [*manage, "load_catalogue"], env=env, check=True, cwd=ROOT, stdout=subprocess.DEVNULL
+    )
+    return subprocess.run(
+        [*manage, "esper_token", "bench", "--create"],
+        env=env,
+        check=True,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    ).stdout.strip()
+
+
+def wait_healthy(url: str, timeout: float = 120.0) -> bool:
+    import urllib.request
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(f"{url}/healthz", timeout=3) as r:
+                if r.status == 200:
+                    return True
+        except OSError:
+            time.sleep(0.5)
+    return False
+
+
 def free_port() -> int:
     import socket
 
@@ -63,48 +102,25 @@ class EmbeddedServer:
         import subprocess
         import sys
         import tempfile
-        import urllib.request
 
-        root = Path(__file__).resolve().parent.parent
         self._home = tempfile.TemporaryDirectory(prefix="esper-bench-")
         env = {
             k: v for k, v in os.environ.items() if k not in ("DATABASE_URL", "CELERY_BROKER_URL")
         }
         env["ESPER_HOME"] = self._home.name
-        manage = [sys.executable, str(root / "manage.py")]
-        subprocess.run(
-            [*manage, "migrate", "--no-input"],
-            env=env,
-            check=True,
-            cwd=root,
-            stdout=subprocess.DEVNULL,
-        )
-        self.token = subprocess.run(
-            [*manage, "esper_token", "bench", "--create"],
-            env=env,
-            check=True,
-            cwd=root,
-            capture_output=True,
-            text=True,
-        ).stdout.strip()
+        self.token = prepare_database(env)
         port = free_port()
         self.url = f"http://127.0.0.1:{port}"
         self._log = open(Path(self._home.name) / "server.log", "wb")  # noqa: SIM115
         self._proc = subprocess.Popen(
-            [*manage, "serve", f"127.0.0.1:{port}"],
+            [sys.executable, str(ROOT / "manage.py"), "serve", f"127.0.0.1:{port}"],
             env=env,
-            cwd=root,
+            cwd=ROOT,
             stdout=self._log,
             stderr=subprocess.STDOUT,
         )
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            try:
-                with urllib.request.urlopen(f"{self.url}/healthz", timeout=2) as r:
-                    if r.status == 200:
-                        return self
-            except OSError:
-                time.sleep(0.5)
+        if wait_healthy(self.url):
+            return self
         self.__exit__(None, None, None)
         raise RuntimeError("embedded server did not become healthy within 120 s")
 
@@ -129,26 +145,13 @@ class ServedServer:
         import os
         import subprocess
         import sys
-        import urllib.request
 
         if not os.environ.get("DATABASE_URL", "").startswith("postgres"):
             raise SystemExit(
                 "--served needs DATABASE_URL=postgres://... and CELERY_BROKER_URL=redis://..."
             )
-        root = Path(__file__).resolve().parent.parent
         bin_dir = Path(sys.executable).parent
-        manage = [sys.executable, str(root / "manage.py")]
-        subprocess.run(
-            [*manage, "migrate", "--no-input"], check=True, cwd=root, stdout=subprocess.DEVNULL
-        )
-        subprocess.run([*manage, "load_catalogue"], check=True, cwd=root, stdout=subprocess.DEVNULL)
-        self.token = subprocess.run(
-            [*manage, "esper_token", "bench", "--create"],
-            check=True,
-            cwd=root,
-            capture_output=True,
-            text=True,
-        ).stdout.strip()
+        self.token = prepare_database()
         port = free_port()
         self.url = f"http://127.0.0.1:{port}"
         self._procs.append(
@@ -163,7 +166,7 @@ class ServedServer:
                     "--log-level",
                     "warning",
                 ],
-                cwd=root,
+                cwd=ROOT,
             )
         )
         self._procs.append(
@@ -180,17 +183,11 @@ class ServedServer:
                     "-l",
                     "WARNING",
                 ],
-                cwd=root,
+                cwd=ROOT,
             )
         )
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            try:
-                with urllib.request.urlopen(f"{self.url}/healthz", timeout=3) as r:
-                    if r.status == 200:
-                        return self
-            except OSError:
-                time.sleep(0.5)
+        if wait_healthy(self.url):
+            return self
         self.__exit__()
         raise RuntimeError("served stack did not become healthy within 120 s")
 
