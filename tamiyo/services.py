@@ -177,46 +177,38 @@ def decision_make(
     )
     action = decision.as_action()
     try:
-        return _experience_record(
-            run, doc, decision, action, blueprints, descriptors, fits, version, used, dtype, epoch
-        )
+        with transaction.atomic():
+            kernel = None
+            if decision.action == "germinate":
+                blueprint = blueprints[decision.blueprint_index]
+                layer = next(la for la in doc["layers"] if la["name"] == decision.layer)
+                signature = {
+                    "graft": blueprint.ir["graft"],
+                    "layout": layer["layout"],
+                    "in": layer["in"],
+                    "out": layer["out"],
+                    "dtype": dtype,
+                }
+                kernel, _ = urza_services.kernel_request(blueprint=blueprint, signature=signature)
+                action["blueprint"] = str(blueprint.id)
+            experience = Experience.objects.create(
+                run=run,
+                step=doc["step"],
+                epoch=epoch,
+                state=doc,
+                blueprints=descriptors,
+                fits=fits,
+                action=action,
+                policy_version=version,
+                policy_name=used,
+                behavior_logprob=decision.logprob,
+                kernel=kernel,
+            )
+        return experience
     except IntegrityError as exc:  # the run was deleted while deciding
         raise ApplicationError(
             f"run {run.id} no longer exists", code="not_found", status=404
         ) from exc
-
-
-def _experience_record(
-    run, doc, decision, action, blueprints, descriptors, fits, version, used, dtype, epoch
-) -> Experience:
-    with transaction.atomic():
-        kernel = None
-        if decision.action == "germinate":
-            blueprint = blueprints[decision.blueprint_index]
-            layer = next(la for la in doc["layers"] if la["name"] == decision.layer)
-            signature = {
-                "graft": blueprint.ir["graft"],
-                "layout": layer["layout"],
-                "in": layer["in"],
-                "out": layer["out"],
-                "dtype": dtype,
-            }
-            kernel, _ = urza_services.kernel_request(blueprint=blueprint, signature=signature)
-            action["blueprint"] = str(blueprint.id)
-        experience = Experience.objects.create(
-            run=run,
-            step=doc["step"],
-            epoch=epoch,
-            state=doc,
-            blueprints=descriptors,
-            fits=fits,
-            action=action,
-            policy_version=version,
-            policy_name=used,
-            behavior_logprob=decision.logprob,
-            kernel=kernel,
-        )
-    return experience
 
 
 def experience_record_outcome(*, experience: Experience, outcome: object) -> Experience:

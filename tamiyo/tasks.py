@@ -6,8 +6,6 @@ import logging
 
 from celery import shared_task
 
-from tamiyo.training import MIN_EXPERIENCES
-
 logger = logging.getLogger(__name__)
 
 
@@ -27,4 +25,4 @@ def train_policy_task(seed: int = 0, epochs: int | None = None) -> dict:
     return result
 
 
-__all__ = ["MIN_EXPERIENCES", "train_policy_task"]
+__all__ = ["train_policy_task"]

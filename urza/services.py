@@ -46,6 +46,10 @@ def _field_error(exc: ValueError, *, prefix: str) -> ApplicationError:
     )
 
 
+def ir_digest(ir: dict) -> str:
+    return hashlib.sha256(canonical_json(ir).encode()).hexdigest()
+
+
 def ir_validate(*, ir: Any) -> dict:
     """Validate a blueprint IR with the configured validator (tezzeret's by default)."""
     validator = import_string(settings.URZA_IR_VALIDATOR)
@@ -80,7 +84,7 @@ def blueprint_create(
     created_by=None,
 ) -> Blueprint:
     ir = ir_validate(ir=ir)
-    digest = hashlib.sha256(canonical_json(ir).encode()).hexdigest()
+    digest = ir_digest(ir)
     existing = Blueprint.objects.filter(ir_sha256=digest).first()
     if existing is not None:
         raise ApplicationError(
@@ -136,7 +140,7 @@ def blueprint_ensure(
 ) -> tuple[Blueprint, bool]:
     """Idempotent registration (catalogue loading): returns (blueprint, created)."""
     ir = ir_validate(ir=ir)
-    digest = hashlib.sha256(canonical_json(ir).encode()).hexdigest()
+    digest = ir_digest(ir)
     existing = Blueprint.objects.filter(name=name, version=version).first()
     if existing is not None:
         if existing.ir_sha256 != digest:
