@@ -231,7 +231,7 @@ class MorphableModel(nn.Module):
         params = self.seed_parameters(layer_name, idx)
         self._move(layer, idx, Stage.CULLED, "unload_kernel")
         if optimizer is not None:
-            _optimizer_remove(optimizer, params)
+            optimizer_remove(optimizer, params)
 
     def set_alpha(self, layer_name: str, seed_idx: int, alpha: float) -> None:
         layer, idx = self._seed(layer_name, seed_idx)
@@ -547,7 +547,8 @@ def _kernel_id(row: torch.Tensor) -> str:
     return kernel_id
 
 
-def _optimizer_remove(optimizer: torch.optim.Optimizer, params: Iterable[nn.Parameter]) -> None:
+def optimizer_remove(optimizer: torch.optim.Optimizer, params: Iterable[nn.Parameter]) -> None:
+    """Take `params` and their state out of `optimizer`; groups left empty are dropped."""
     drop = {id(p) for p in params}
     for group in optimizer.param_groups:
         group["params"] = [p for p in group["params"] if id(p) not in drop]

@@ -2,6 +2,7 @@ import pytest
 import torch
 
 from kasmina.client import EsperClient
+from tests.kasmina._loop import Loop
 
 
 @pytest.fixture(autouse=True)
@@ -28,3 +29,23 @@ def compiled(registry):
         return kernel.id
 
     return make
+
+
+@pytest.fixture
+def client(registry, token):
+    """A client of the live server (real worker) that gives up quickly when it is down."""
+    return EsperClient(registry.base_url, token.key, timeout=10, retries=1, backoff=0.05)
+
+
+@pytest.fixture
+def make_loop(client):
+    """Loop factory whose controllers are closed before the test database is flushed."""
+    loops = []
+
+    def make(**options):
+        loops.append(Loop(client, **options))
+        return loops[-1]
+
+    yield make
+    for loop in loops:
+        loop.controller.close(timeout=5)

@@ -1,0 +1,215 @@
+"""Controller: decisions, lifecycles, outcomes, outages and rollbacks against a live server."""
+
+import copy
+import socket
+import threading
+import time
+
+import pytest
+import torch
+
+from kasmina import Stage
+from kasmina.client import EsperClient
+from tests.kasmina._loop import Loop
+
+CLOSED_PORT = "http://127.0.0.1:1"  # nothing listens on port 1: connections are refused
+LIFECYCLE = ["GERMINATED", "LOADING", "TRAINING", "BLENDING", "PROBATION"]
+
+
+def _rewarded(experience_id: str):
+    from tamiyo.models import Experience
+
+    return Experience.objects.filter(pk=experience_id, reward__isnull=False).first()
+
+
+def test_a_germinate_decision_runs_the_lifecycle_without_blocking_and_is_rewarded(make_loop):
+    from tamiyo.models import Experience, TrainingRun
+
+    loop = make_loop()
+    controller = loop.controller
+    loop.run_until(lambda: controller.adaptations)
+    row = controller.adaptations[0]
+    stages, compiling_steps = [], 0
+
+    def watch() -> bool:
+        nonlocal compiling_steps
+        stage = loop.stage
+        if not stages or stages[-1] != stage.name:
+            stages.append(stage.name)
+        compiling_steps += stage is Stage.GERMINATED
+        if stage in (Stage.TRAINING, Stage.BLENDING, Stage.PROBATION):
+            params = loop.model.seed_parameters("0", 0)
+            assert params and loop.in_optimizer(params), "new parameters must train"
+        return row["final_stage"] is not None
+
+    loop.run_until(watch)
+    # A failed fetch is retried (LOADING → ERROR_RECOVERY → LOADING): the same lifecycle.
+    path = [s for s in stages if s != "ERROR_RECOVERY"]
+    path = [s for i, s in enumerate(path) if i == 0 or path[i - 1] != s]
+    assert path == [*LIFECYCLE, row["final_stage"]], stages
+    assert row["final_stage"] in ("FOSSILIZED", "CULLED")
+    if row["final_stage"] == "FOSSILIZED":
+        assert row["contribution"] > 0 and row["params_added"] > 0
+        assert loop.in_optimizer(loop.model.seed_parameters("0", 0))
+    else:
+        assert row["contribution"] <= 0 and len(loop.optimizer.param_groups) == 1
+    # Training went on while the kernel compiled.
+    assert compiling_steps >= 20
+    stats = controller.stats()
+    assert stats["germinated"] == 1 and stats["median_decision_to_training_s"] > 0
+
+    loop.run_until(lambda: _rewarded(row["experience"]), timeout=15)
+    experience = _rewarded(row["experience"])
+    assert experience.outcome["final_stage"] == row["final_stage"]
+    assert experience.outcome["contribution"] == pytest.approx(row["contribution"])
+    assert -1 <= experience.reward <= 1
+    assert controller.close()
+    run = TrainingRun.objects.get(pk=controller.run_id)
+    assert run.status == "finished" and run.config["param_budget"] == 5_000
+    assert run.metrics["controller"]["germinated"] == 1
+    waits = Experience.objects.filter(run=run, action__action="wait", reward__isnull=False)
+    assert waits.exists(), "wait decisions get their outcome too"
+
+
+def test_an_unreachable_server_does_not_stop_training_and_writes_land_once_it_is_back(
+    client, make_loop
+):
+    from tamiyo.models import Experience, TrainingRun
+
+    up = client.base_url
+    client.base_url = CLOSED_PORT
+    loop = make_loop()
+    controller = loop.controller
+    for _ in range(40):
+        loop.train_step()
+    assert controller.steps == 40 and controller.run_id is None
+    assert controller.stats()["pending_writes"] == 1 and not TrainingRun.objects.exists()
+
+    client.base_url = up  # the run opens late; decisions and growth follow
+    loop.run_until(lambda: loop.stage is Stage.TRAINING)
+    row = controller.adaptations[0]
+    client.base_url = CLOSED_PORT
+    loop.run_until(lambda: row["final_stage"] is not None)
+    for _ in range(20):
+        loop.train_step()
+    assert controller.stats()["pending_writes"] >= 1
+    assert Experience.objects.get(pk=row["experience"]).outcome is None
+
+    client.base_url = up
+    loop.run_until(lambda: _rewarded(row["experience"]), timeout=30)
+    assert _rewarded(row["experience"]).outcome["final_stage"] == row["final_stage"]
+    assert controller.close()
+    assert TrainingRun.objects.get(pk=controller.run_id).status == "finished"
+
+
+@pytest.fixture
+def silent_server():
+    """A server that accepts connections and never answers: every request hangs."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    accepted: list[socket.socket] = []
+
+    def accept() -> None:
+        while True:
+            try:
+                accepted.append(listener.accept()[0])
+            except OSError:
+                return
+
+    threading.Thread(target=accept, daemon=True).start()
+    yield f"http://127.0.0.1:{listener.getsockname()[1]}", accepted
+    listener.close()
+    for conn in accepted:
+        conn.close()
+
+
+def test_no_step_waits_on_a_request_that_hangs(silent_server, token):
+    url, accepted = silent_server
+    client = EsperClient(url, token.key, timeout=30, retries=0)
+    loop = Loop(client)
+    for _ in range(60):
+        loop.train_step()
+    # Sixty steps ran while the run-opening request was still on the wire.
+    deadline = time.monotonic() + 5
+    while not accepted and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert len(accepted) == 1 and loop.controller.steps == 60
+    assert loop.controller.run_id is None and loop.controller.stats()["pending_writes"] == 1
+    assert not loop.controller.close(timeout=0.2)
+
+
+def test_a_loss_spike_rolls_back_and_culls_the_seed_grafted_since_the_snapshot(make_loop):
+    # The only snapshot is the one taken at step 0; the seed stays TRAINING until the spike.
+    loop = make_loop(snapshot_every=100_000, training_steps=50_000)
+    controller = loop.controller
+    loop.run_until(lambda: loop.stage is Stage.TRAINING)
+    row = controller.adaptations[0]
+    assert len(loop.optimizer.param_groups) == 2 and loop.optimizer.state
+
+    controller.step(1e9)
+    assert loop.stage is Stage.CULLED and row["final_stage"] == "CULLED" and row["rolled_back"]
+    for restored, initial in zip(loop.model.parameters(), loop.plain.parameters(), strict=True):
+        torch.testing.assert_close(restored, initial, rtol=0, atol=0)
+    assert len(loop.optimizer.param_groups) == 1 and not loop.optimizer.state
+    x = loop.x_val[:16]
+    assert torch.equal(loop.model(x), loop.plain(x))
+    assert controller.stats()["rollbacks"] == 1 and controller.history[-1]["rolled_back"]
+
+    loop.run_until(lambda: _rewarded(row["experience"]), timeout=15)
+    outcome = _rewarded(row["experience"]).outcome
+    assert outcome["rolled_back"] is True and outcome["final_stage"] == "CULLED"
+    assert controller.close()
+
+
+def test_a_rejected_kernel_culls_the_seed_and_reports_a_failed_outcome(make_loop):
+    from urza.models import Kernel
+
+    loop = make_loop()
+    controller = loop.controller
+    loop.run_until(lambda: controller.adaptations)
+    row = controller.adaptations[0]
+    assert loop.stage is Stage.GERMINATED  # its status is polled from the next step on
+    Kernel.objects.filter(pk=row["kernel"]).update(status="rejected", error="test: refused")
+
+    loop.run_until(lambda: row["final_stage"] is not None, timeout=15)
+    assert row["final_stage"] == "CULLED" and loop.stage in (Stage.CULLED, Stage.EMBARGOED)
+    assert len(loop.optimizer.param_groups) == 1 and controller.stats()["rejected"] == 1
+    loop.run_until(lambda: _rewarded(row["experience"]), timeout=15)
+    experience = _rewarded(row["experience"])
+    assert experience.outcome["failures"] == 1 and experience.outcome["contribution"] is None
+    assert experience.reward < 0
+    assert controller.close()
+
+
+def test_a_seed_the_model_culls_after_failures_is_reported_as_a_failed_outcome(make_loop):
+    loop = make_loop(wrap_options={"max_failures": 1}, training_steps=50_000)
+    controller = loop.controller
+    loop.run_until(lambda: loop.stage is Stage.TRAINING)
+    row = controller.adaptations[0]
+    with torch.no_grad():
+        for p in loop.model.seed_parameters("0", 0):
+            p.fill_(float("nan"))  # its output turns non-finite: the model culls it
+
+    loop.run_until(lambda: row["final_stage"] is not None, timeout=10)
+    assert row["final_stage"] == "CULLED" and not row["rolled_back"]
+    assert len(loop.optimizer.param_groups) == 1 and controller.stats()["rollbacks"] == 0
+    loop.run_until(lambda: _rewarded(row["experience"]), timeout=15)
+    outcome = _rewarded(row["experience"]).outcome
+    assert outcome["failures"] == 1 and outcome["contribution"] is None
+
+
+def test_offline_a_non_finite_loss_restores_the_last_snapshot_of_model_and_optimizer():
+    loop = Loop(None, snapshot_every=5)
+    for _ in range(30):
+        loop.train_step()  # the 30th good step takes a snapshot
+    params = [p.detach().clone() for p in loop.model.parameters()]
+    state = copy.deepcopy(loop.optimizer.state_dict())
+
+    loop.train_step(poison=True)
+    assert loop.controller.stats()["rollbacks"] == 1
+    for restored, saved in zip(loop.model.parameters(), params, strict=True):
+        torch.testing.assert_close(restored, saved, rtol=0, atol=0)
+    torch.testing.assert_close(loop.optimizer.state_dict(), state, rtol=0, atol=0)
+    for _ in range(5):
+        loop.train_step()
+    assert all(h["loss"] == h["loss"] for h in loop.controller.history[-5:])
+    assert loop.controller.run_id is None and loop.controller.close()
