@@ -168,6 +168,9 @@ def test_a_rejected_kernel_culls_the_seed_and_reports_a_failed_outcome(make_loop
     loop.run_until(lambda: controller.adaptations)
     row = controller.adaptations[0]
     assert loop.stage is Stage.GERMINATED  # its status is polled from the next step on
+    # The registry's fits mask keeps blueprints the compiler refuses out of decisions, so the
+    # rejection is written as the worker writes it (tests/tezzeret/test_tasks.py covers the
+    # worker rejecting a blueprint for real); the runtime sees only the kernel's status.
     Kernel.objects.filter(pk=row["kernel"]).update(status="rejected", error="test: refused")
 
     loop.run_until(lambda: row["final_stage"] is not None, timeout=15)
