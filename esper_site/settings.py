@@ -210,6 +210,7 @@ ESPER_COMPILER_VERSION = COMPILER_VERSION
 # urza may not import tezzeret; the IR and signature checks are plugged in by dotted path.
 URZA_IR_VALIDATOR = "tezzeret.ir.validate_ir"
 URZA_SIGNATURE_VALIDATOR = "tezzeret.services.signature_validate"
+URZA_PARAM_COUNTER = "tezzeret.services.param_count"
 URZA_COMPILE_TASK = "tezzeret.compile_kernel"
 # Tamiyo trains a new policy each time this many new rewarded experiences arrive (0: off);
 # `celery -A esper_site beat` also runs it on TAMIYO_TRAIN_SCHEDULE_S (seconds; 0: off).

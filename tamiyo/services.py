@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import math
 import os
 import threading
 from functools import lru_cache
@@ -67,26 +68,41 @@ def catalogue_descriptors() -> tuple[list[dict], list[Blueprint]]:
 
 
 @lru_cache(maxsize=8192)
-def _fits(ir_sha256: str, graft: str, layout: str, n_in: int, n_out: int, dtype: str) -> bool:
+def _site_params(
+    ir_sha256: str, graft: str, layout: str, n_in: int, n_out: int, dtype: str
+) -> int | None:
+    """Parameters of that blueprint's kernel for the site, or None if it does not fit."""
     blueprint = Blueprint.objects.filter(ir_sha256=ir_sha256).only("ir").first()
     if blueprint is None:
-        return False
+        return None
     signature = {"graft": graft, "layout": layout, "in": n_in, "out": n_out, "dtype": dtype}
     try:
-        urza_services.signature_validate(ir=blueprint.ir, signature=signature)
+        return urza_services.kernel_param_count(ir=blueprint.ir, signature=signature)
     except ApplicationError:
-        return False
-    return True
+        return None
 
 
-def feasibility(*, doc: dict, blueprints: list[Blueprint], dtype: str) -> list[list[bool]]:
-    """Which (seed site, blueprint) pairs the compiler accepts for that layer's dims."""
+def budget_left(*, doc: dict, run: TrainingRun) -> float:
+    """Parameters the run may still add: its `param_budget` × (1 − budget_used); inf if none."""
+    budget = (run.config or {}).get("param_budget")
+    if not isinstance(budget, int) or isinstance(budget, bool) or budget <= 0:
+        return math.inf
+    return budget * max(0.0, 1.0 - float(doc["globals"]["budget_used"]))
+
+
+def feasibility(
+    *, doc: dict, blueprints: list[Blueprint], dtype: str, budget: float = math.inf
+) -> list[list[bool]]:
+    """Which (seed site, blueprint) pairs the compiler accepts for that layer's dims and
+    whose kernel fits in `budget` parameters (the run's remaining parameter budget)."""
     rows = []
     for layer in doc["layers"]:
-        row = [
-            _fits(b.ir_sha256, b.ir["graft"], layer["layout"], layer["in"], layer["out"], dtype)
-            for b in blueprints
-        ]
+        row = []
+        for b in blueprints:
+            params = _site_params(
+                b.ir_sha256, b.ir["graft"], layer["layout"], layer["in"], layer["out"], dtype
+            )
+            row.append(params is not None and params <= budget)
         rows.extend([row] * len(layer["seeds"]))
     return rows
 
@@ -162,7 +178,9 @@ def decision_make(
             f"{field}: {getattr(exc, 'message', exc)}", detail={field: [str(exc)]}
         ) from exc
     descriptors, blueprints = catalogue_descriptors()
-    fits = feasibility(doc=doc, blueprints=blueprints, dtype=dtype)
+    fits = feasibility(
+        doc=doc, blueprints=blueprints, dtype=dtype, budget=budget_left(doc=doc, run=run)
+    )
     version = None
     if policy_name in (None, "gnn"):
         policy, version, used = policy_active()

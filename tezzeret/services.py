@@ -19,6 +19,13 @@ def signature_validate(*, ir: dict, signature: object) -> dict:
     return sig.to_dict()
 
 
+def param_count(*, ir: dict, signature: object) -> int:
+    """Trainable parameters of the kernel `ir` compiles to for `signature` (arithmetic)."""
+    sig = ir_mod.parse_signature(signature)
+    ir_mod.check_signature(ir, sig)
+    return ir_mod.param_count(ir, sig)
+
+
 def kernel_compile(*, kernel_id: str) -> Kernel | None:
     """Claim the kernel, compile it and record the outcome. Deterministic failures reject it.
 

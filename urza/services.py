@@ -68,6 +68,15 @@ def signature_validate(*, ir: dict, signature: Any) -> dict:
         raise _field_error(exc, prefix="signature") from exc
 
 
+def kernel_param_count(*, ir: dict, signature: Any) -> int:
+    """Parameters of the kernel a blueprint compiles to for `signature` (no compile)."""
+    counter = import_string(settings.URZA_PARAM_COUNTER)
+    try:
+        return counter(ir=ir, signature=signature)
+    except ValueError as exc:
+        raise _field_error(exc, prefix="signature") from exc
+
+
 def _tags_resolve(tags: Iterable[str]) -> list[Tag]:
     return [Tag.objects.get_or_create(name=t)[0] for t in dict.fromkeys(tags)]
 

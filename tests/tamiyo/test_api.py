@@ -71,6 +71,52 @@ def test_germinate_decisions_never_pick_a_blueprint_that_does_not_fit(
             assert blueprint.ir["layout"] == "features"
 
 
+def test_germinate_decisions_stay_within_the_runs_remaining_parameter_budget(
+    api_client, health, catalogue
+):
+    from urza import services as urza_services
+    from urza.models import Blueprint, Kernel
+
+    response = api_client.post(
+        "/api/v1/runs/", {"name": "tight", "config": {"param_budget": 2000}}, format="json"
+    )
+    run = response.json()
+    for used in (0.0, 0.9, 1.0):
+        left = 2000 * (1 - used)
+        germinated = 0
+        for _ in range(25):
+            doc = graph_doc(health, budget_used=used)
+            body = _decide(api_client, run, doc, policy="random").json()
+            experience = Experience.objects.get(pk=body["experience"])
+            sites = [(la, s) for la in doc["layers"] for s in la["seeds"]]
+            blueprints = list(
+                Blueprint.objects.filter(pk__in=[b["id"] for b in experience.blueprints])
+            )
+            by_id = {str(b.pk): b for b in blueprints}
+            for (layer, _seed), row in zip(sites, experience.fits, strict=True):
+                for descriptor, fits in zip(experience.blueprints, row, strict=True):
+                    signature = {
+                        "graft": descriptor["graft"],
+                        "layout": layer["layout"],
+                        "in": layer["in"],
+                        "out": layer["out"],
+                        "dtype": "float32",
+                    }
+                    if fits:  # every pair offered to the policy fits in what is left
+                        ir = by_id[descriptor["id"]].ir
+                        params = urza_services.kernel_param_count(ir=ir, signature=signature)
+                        assert params <= left
+            if body["action"] == "germinate":
+                germinated += 1
+                kernel = Kernel.objects.get(pk=body["kernel"])
+                ir = kernel.blueprint.ir
+                assert urza_services.kernel_param_count(ir=ir, signature=kernel.signature) <= left
+        if used == 0.0:
+            assert germinated > 0
+        elif used == 1.0:  # the budget is spent: nothing is offered, every decision waits
+            assert not any(any(row) for row in experience.fits) and germinated == 0
+
+
 @pytest.mark.parametrize(
     "mutate, field",
     [
