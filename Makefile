@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test test-fast serve worker lint format bench clean
+.PHONY: demo serve test test-fast worker lint format bench clean
 
 $(STAMP): pyproject.toml
 	@command -v $(PYTHON) >/dev/null 2>&1 || { echo "need $(PYTHON) (Python 3.11) on PATH" >&2; exit 1; }
@@ -13,7 +13,14 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet -e '.[dev,demo]'
 	@touch $(STAMP)
 
+# The training demo: starts the embedded server itself (or uses --server / ESPER_URL),
+# trains a too-small MLP static, 4x wider and grown, then trains Tamiyo's policy.
+# Flags: make demo DEMO_ARGS='--epochs 30 --policy random'  (see --help)
 demo: $(STAMP)
+	$(BIN)/python -m examples.demo $(DEMO_ARGS)
+
+# The embedded default as a long-running server on :8000 (admin, API, worker threads).
+serve: $(STAMP)
 	$(BIN)/python manage.py migrate --no-input
 	@echo "admin login: user 'admin', password 'esper-admin' (embedded default only)"
 	@echo "API token:   $$($(BIN)/python manage.py esper_token admin --create --superuser --password esper-admin)"

@@ -37,8 +37,11 @@ def save(name: str, payload: dict) -> Path:
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def prepare_database(env: dict | None = None) -> str:
-    """Migrate (the catalogue comes with the migrations) and return a fresh API token."""
+def prepare_database(
+    env: dict | None = None, user: str = "bench", *, password: str | None = None
+) -> str:
+    """Migrate (the catalogue comes with the migrations) and return an API token for `user`
+    (created if missing; with `password` it is a superuser who can log in to the admin)."""
     import subprocess
     import sys
 
@@ -49,8 +52,9 @@ def prepare_database(env: dict | None = None) -> str:
     subprocess.run(
         [*manage, "load_catalogue"], env=env, check=True, cwd=ROOT, stdout=subprocess.DEVNULL
     )
+    extra = ["--superuser", "--password", password] if password else []
     return subprocess.run(
-        [*manage, "esper_token", "bench", "--create"],
+        [*manage, "esper_token", user, "--create", *extra],
         env=env,
         check=True,
         cwd=ROOT,
@@ -59,11 +63,14 @@ def prepare_database(env: dict | None = None) -> str:
     ).stdout.strip()
 
 
-def wait_healthy(url: str, timeout: float = 120.0) -> bool:
+def wait_healthy(url: str, timeout: float = 120.0, proc=None) -> bool:
+    """Poll `/healthz` until it answers 200; False after `timeout` s or once `proc` exits."""
     import urllib.request
 
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            return False
         try:
             with urllib.request.urlopen(f"{url}/healthz", timeout=3) as r:
                 if r.status == 200:
@@ -82,18 +89,41 @@ def free_port() -> int:
 
 
 class EmbeddedServer:
-    """`manage.py serve` in a child process with its own ESPER_HOME: the embedded default.
+    """`manage.py serve` in a child process: the embedded default (SQLite, in-process broker,
+    real Celery worker threads). With `ESPER_URL` (and `ESPER_TOKEN`) set, that server is used
+    instead and nothing is started.
 
-    With `ESPER_URL` (and `ESPER_TOKEN`) set, the benchmark uses that server instead.
+    `home=None` runs it in a temporary ESPER_HOME removed on exit (the benchmarks); a path
+    keeps its database and artifacts there (the demo uses the project default `.esper`, so
+    experiences accumulate across runs). `env` adds variables for the server (for example
+    `TAMIYO_TRAIN_EVERY=0`); `user`/`password` name the account whose token is used.
     """
 
-    def __init__(self) -> None:
+    def __init__(
+        self,
+        home: str | Path | None = None,
+        *,
+        env: dict | None = None,
+        user: str = "bench",
+        password: str | None = None,
+        timeout: float = 120.0,
+    ) -> None:
         import os
 
         self.url = os.environ.get("ESPER_URL")
         self.token = os.environ.get("ESPER_TOKEN")
+        self.home = Path(home).resolve() if home is not None else None
+        self.log_path: Path | None = None
+        self._env, self._user, self._password = dict(env or {}), user, password
+        self._timeout = timeout
         self._proc = None
-        self._home = None
+        self._tmp = None
+        self._log = None
+
+    @property
+    def started(self) -> bool:
+        """True when this object started the server (False when ESPER_URL was given)."""
+        return self._proc is not None
 
     def __enter__(self) -> EmbeddedServer:
         if self.url:
@@ -103,34 +133,58 @@ class EmbeddedServer:
         import sys
         import tempfile
 
-        self._home = tempfile.TemporaryDirectory(prefix="esper-bench-")
+        if self.home is None:
+            self._tmp = tempfile.TemporaryDirectory(prefix="esper-bench-")
+            home = Path(self._tmp.name)
+        else:
+            home = self.home
+            home.mkdir(parents=True, exist_ok=True)
         env = {
-            k: v for k, v in os.environ.items() if k not in ("DATABASE_URL", "CELERY_BROKER_URL")
+            k: v
+            for k, v in os.environ.items()
+            if k not in ("DATABASE_URL", "CELERY_BROKER_URL", "ESPER_ARTIFACT_ROOT")
         }
-        env["ESPER_HOME"] = self._home.name
-        self.token = prepare_database(env)
-        port = free_port()
-        self.url = f"http://127.0.0.1:{port}"
-        self._log = open(Path(self._home.name) / "server.log", "wb")  # noqa: SIM115
-        self._proc = subprocess.Popen(
-            [sys.executable, str(ROOT / "manage.py"), "serve", f"127.0.0.1:{port}"],
-            env=env,
-            cwd=ROOT,
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
-        )
-        if wait_healthy(self.url):
-            return self
+        env.update(self._env)
+        env["ESPER_HOME"] = str(home)
+        try:
+            self.token = prepare_database(env, self._user, password=self._password)
+            port = free_port()
+            self.url = f"http://127.0.0.1:{port}"
+            self.log_path = home / "server.log"
+            self._log = open(self.log_path, "ab")  # noqa: SIM115 - closed in __exit__
+            self._proc = subprocess.Popen(
+                [sys.executable, str(ROOT / "manage.py"), "serve", f"127.0.0.1:{port}"],
+                env=env,
+                cwd=ROOT,
+                stdout=self._log,
+                stderr=subprocess.STDOUT,
+            )
+            if wait_healthy(self.url, self._timeout, self._proc):
+                return self
+        except BaseException:
+            self.__exit__(None, None, None)
+            raise
         self.__exit__(None, None, None)
-        raise RuntimeError("embedded server did not become healthy within 120 s")
+        raise RuntimeError(
+            f"embedded server did not become healthy within {self._timeout:.0f} s "
+            f"(its log: {self.log_path})"
+        )
 
     def __exit__(self, *exc) -> None:
         if self._proc is not None:
             self._proc.terminate()
-            self._proc.wait(timeout=30)
+            try:
+                self._proc.wait(timeout=30)
+            except Exception:  # noqa: BLE001 - it did not stop: make sure it does
+                self._proc.kill()
+                self._proc.wait(timeout=10)
+            self._proc = None
+        if self._log is not None:
             self._log.close()
-        if self._home is not None:
-            self._home.cleanup()
+            self._log = None
+        if self._tmp is not None:
+            self._tmp.cleanup()
+            self._tmp = None
 
 
 class ServedServer:

@@ -1,0 +1,370 @@
+"""Growth: does growing a too-small MLP while it trains match a static model 4x wider?
+
+Run: `.venv/bin/python benchmarks/growth.py` from the repo root (embedded default: a fresh
+server in a temporary ESPER_HOME, real Celery worker threads; or `ESPER_URL`/`ESPER_TOKEN`).
+Writes benchmarks/results/growth.json and benchmarks/results/growth.png.
+
+Data: scikit-learn digits, split 64/16/20 % train/val/test by each seed. Model: MLP
+64-8-10 (the too-small one) vs 64-32-10 (static large, 4x the hidden width). Every variant
+trains with the same plain loop (Adam, lr 3e-3, batch 32, 40 epochs) and seeds:
+
+  static_small       the small MLP
+  static_large       the 4x wider MLP
+  grown_heuristic    small MLP + Controller, Tamiyo's heuristic policy decides (forced)
+  grown_random       small MLP + Controller, the random policy decides (forced)
+  grow_all_at_once   small MLP, every seed site gets a kernel of one blueprint before the
+                     first step (`MorphableModel.load_kernel`; no decisions): the blueprint
+                     the heuristic picked most often in this run's grown_heuristic runs
+  grown_gnn          small MLP + Controller with policy "gnn", after a policy version was
+                     trained (POST /policies/train/) on the experiences the heuristic and
+                     random runs recorded; the server decides with the heuristic unless that
+                     version was activated (its held-out score is no worse) -- the JSON says
+                     which policy decided.
+
+Growth decisions and seed judgements use the validation split; the test split is read
+once per run, after training. Before the measured runs every catalogue blueprint that fits
+a seed site is compiled once (a registry in use has them cached); those cold compile times
+are reported as `warmup`. Targets (the issue's): a grown variant within 0.5 accuracy points
+of static_large with at most half its parameters; guided growth beats random placement;
+median decision -> seed TRAINING time under 5 s.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import statistics
+import sys
+import time
+from collections import Counter
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+from _common import RESULTS, EmbeddedServer, save
+from tqdm import tqdm
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from examples.morphogenesis import (  # noqa: E402
+    LARGE_FACTOR,
+    SMALL_HIDDEN,
+    Growth,
+    RunResult,
+    check_server,
+    count_params,
+    default_budget,
+    load_dataset,
+    make_mlp,
+    request_policy_training,
+    train,
+    wait_for_policy,
+    warm_registry,
+)
+from kasmina import wrap  # noqa: E402
+
+VARIANTS = (
+    "static_small",
+    "static_large",
+    "grown_heuristic",
+    "grown_random",
+    "grow_all_at_once",
+    "grown_gnn",
+)
+# The knobs (tuned on the validation split); the growth knobs are `Growth`'s defaults.
+EPOCHS, LR, BATCH = 40, 3e-3, 32
+
+
+def mean(values):
+    values = [v for v in values if v is not None]
+    return statistics.fmean(values) if values else None
+
+
+def stdev(values):
+    values = [v for v in values if v is not None]
+    return statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def summarise(variant: str, runs: list[RunResult]) -> dict:
+    policies = Counter()
+    for r in runs:
+        policies.update(r.policies)
+    acc = [100 * r.test_accuracy for r in runs]
+    return {
+        "variant": variant,
+        "acc_mean": mean(acc),
+        "acc_std": stdev(acc),
+        "params": mean([r.params for r in runs]),
+        "params_max": max(r.params for r in runs),
+        "wall_s": mean([r.wall_s for r in runs]),
+        "adaptations_made": mean([r.adaptations_made for r in runs]),
+        "adaptations_kept": mean([r.adaptations_kept for r in runs]),
+        "adaptations_culled": mean([r.adaptations_culled for r in runs]),
+        "adaptations_unfinished": mean([r.adaptations_unfinished for r in runs]),
+        "val_acc_mean": mean([100 * r.val_accuracy for r in runs]),
+        "rollbacks": sum(r.rollbacks for r in runs),
+        "decided_by": dict(policies),
+        "active_policy_at_start": sorted({r.active_policy for r in runs if r.active_policy}),
+        "max_step_s": max((r.max_step_s for r in runs if r.max_step_s is not None), default=None),
+        "blueprints_kept": dict(
+            Counter(
+                f"{m['layer']}:{m['blueprint']}"
+                for r in runs
+                for m in r.markers
+                if m["final_stage"] == "FOSSILIZED"
+            )
+        ),
+        "per_seed": [
+            {
+                "seed": r.seed,
+                "acc": 100 * r.test_accuracy,
+                "val_acc": 100 * r.val_accuracy,
+                "params": r.params,
+                "wall_s": r.wall_s,
+                "made": r.adaptations_made,
+                "kept": r.adaptations_kept,
+                "rollbacks": r.rollbacks,
+                "adaptations": r.markers,
+            }
+            for r in runs
+        ],
+        "val_curve": [
+            mean([100 * r.epoch_accuracy[e] for r in runs])
+            for e in range(len(runs[0].epoch_accuracy))
+        ],
+    }
+
+
+def plot(rows: list[dict], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax, ax_curve) = plt.subplots(1, 2, figsize=(13, 5))
+    by_name = {r["variant"]: r for r in rows}
+    large = by_name["static_large"]
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for i, r in enumerate(rows):
+        color = colors[i % len(colors)]
+        label = f"{r['variant']} ({r['acc_mean']:.2f} ± {r['acc_std']:.2f})"
+        ax.errorbar(
+            r["params"],
+            r["acc_mean"],
+            yerr=r["acc_std"],
+            fmt="o",
+            capsize=4,
+            color=color,
+            label=label,
+        )
+        ax_curve.plot(
+            range(1, len(r["val_curve"]) + 1), r["val_curve"], color=color, lw=1.5, label=label
+        )
+    ax.axhspan(large["acc_mean"] - 0.5, large["acc_mean"] + 0.5, color="tab:orange", alpha=0.12)
+    ax.axvline(large["params"] / 2, color="gray", ls=":", lw=1)
+    ax.text(
+        large["params"] / 2,
+        ax.get_ylim()[0],
+        " half of static_large's params",
+        fontsize=8,
+        va="bottom",
+    )
+    ax.set_xscale("log")
+    ax.set_xlabel("parameters in the final model (mean over seeds; log scale)")
+    ax.set_ylabel("test accuracy (%), mean ± std over seeds")
+    ax.set_title("accuracy vs parameters (band: static_large ± 0.5 pts)", fontsize=10)
+    ax.grid(alpha=0.3)
+    ax_curve.set_xlabel("epoch")
+    ax_curve.set_ylabel("validation accuracy (%), mean over seeds")
+    ax_curve.set_title("learning curves", fontsize=10)
+    ax_curve.set_ylim(max(0, min(min(r["val_curve"][2:]) for r in rows) - 2), None)
+    ax_curve.grid(alpha=0.3)
+    ax_curve.legend(fontsize=8, loc="lower right")
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--seeds", type=int, default=5)
+    parser.add_argument("--epochs", type=int, default=EPOCHS)
+    parser.add_argument("--policy-timeout", type=float, default=300.0)
+    parser.add_argument(
+        "--dataset",
+        choices=("digits", "mnist1d"),
+        default="digits",
+        help="digits (the reported numbers) or MNIST-1D (needs the optional mnist1d package; "
+        "writes growth-mnist1d.json/.png)",
+    )
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.ERROR)
+    torch.set_num_threads(1)
+    started = time.monotonic()
+    seeds = list(range(args.seeds))
+    datasets = {s: load_dataset(args.dataset, s) for s in seeds}
+    data0 = datasets[0]
+    budget = default_budget(data0)
+    small = count_params(make_mlp(data0.n_features, SMALL_HIDDEN, data0.n_classes))
+    large = count_params(make_mlp(data0.n_features, LARGE_FACTOR * SMALL_HIDDEN, data0.n_classes))
+    sites = wrap(make_mlp(data0.n_features, SMALL_HIDDEN, data0.n_classes)).seed_layers
+    signatures = {name: layer.signature for name, layer in sites.items()}
+    results: dict[str, list[RunResult]] = {v: [] for v in VARIANTS}
+    server_env = {"TAMIYO_TRAIN_EVERY": "0", "TAMIYO_TRAIN_SCHEDULE_S": "0"}  # train on cue
+
+    with EmbeddedServer(env=server_env) as server:
+        client = check_server(server.url, server.token)
+        t0 = time.monotonic()
+        warm = warm_registry(client, signatures)
+        warm_s = time.monotonic() - t0
+        bar = tqdm(total=len(VARIANTS) * len(seeds), desc="growth", unit="run")
+
+        def run(variant: str, seed: int, hidden: int, growth: Growth | None) -> None:
+            bar.set_postfix_str(f"{variant} seed {seed}")
+            results[variant].append(
+                train(
+                    datasets[seed],
+                    hidden=hidden,
+                    variant=variant,
+                    epochs=args.epochs,
+                    seed=seed,
+                    lr=LR,
+                    batch_size=BATCH,
+                    growth=growth,
+                    client=client,
+                    run_name=f"growth-{variant}-seed{seed}",
+                )
+            )
+            bar.update(1)
+
+        for seed in seeds:
+            run("static_small", seed, SMALL_HIDDEN, None)
+            run("static_large", seed, LARGE_FACTOR * SMALL_HIDDEN, None)
+        for seed in seeds:
+            for policy in ("heuristic", "random"):
+                growth = Growth(policy=policy, param_budget=budget)
+                run(f"grown_{policy}", seed, SMALL_HIDDEN, growth)
+        picked = Counter(m["blueprint"] for r in results["grown_heuristic"] for m in r.markers)
+        all_at_once_blueprint = picked.most_common(1)[0][0] if picked else "lowrank-adapter"
+        for seed in seeds:
+            growth = Growth(all_at_once=True, blueprint=all_at_once_blueprint, param_budget=budget)
+            run("grow_all_at_once", seed, SMALL_HIDDEN, growth)
+
+        bar.set_postfix_str("training the policy")
+        t0 = time.monotonic()
+        queued = request_policy_training(client, seed=0)
+        version = None
+        if queued["queued"]:
+            version = wait_for_policy(client, queued["known"], timeout=args.policy_timeout)
+        policy_training = {
+            "requested_on_experiences": queued["experiences"],
+            "queued": queued["queued"],
+            "needed": queued.get("needed"),
+            "seconds": time.monotonic() - t0,
+            "version": version["version"] if version else None,
+            "activated": bool(version and version["is_active"]),
+            "experience_count": version["experience_count"] if version else None,
+            "metrics": {
+                k: v for k, v in (version or {}).get("metrics", {}).items() if k != "history"
+            },
+        }
+        for seed in seeds:
+            run("grown_gnn", seed, SMALL_HIDDEN, Growth(policy="gnn", param_budget=budget))
+        bar.close()
+        served = not server.started
+
+    rows = [summarise(v, results[v]) for v in VARIANTS]
+    by_name = {r["variant"]: r for r in rows}
+    grown_runs = [r for v in ("grown_heuristic", "grown_random", "grown_gnn") for r in results[v]]
+    cycles = [c for r in grown_runs for c in r.cycle_s]
+    step_max = [r.max_step_s for r in grown_runs if r.max_step_s is not None]
+
+    def verdict(name: str) -> dict:
+        row = by_name[name]
+        gap = by_name["static_large"]["acc_mean"] - row["acc_mean"]
+        ratio = row["params"] / by_name["static_large"]["params"]
+        return {
+            "acc_gap_to_large_pts": gap,
+            "params_ratio_to_large": ratio,
+            "met": gap <= 0.5 and ratio <= 0.5,
+        }
+
+    gnn_decided = by_name["grown_gnn"]["decided_by"]
+    targets = {
+        "grown_within_0.5_pts_of_large_at_half_params": {
+            v: verdict(v) for v in ("grown_gnn", "grown_heuristic", "grown_random")
+        },
+        "guided_beats_random": {
+            v: by_name[v]["acc_mean"] > by_name["grown_random"]["acc_mean"]
+            for v in ("grown_gnn", "grown_heuristic")
+        },
+        "cycle_s_median_under_5": bool(cycles) and statistics.median(cycles) < 5.0,
+    }
+    payload = {
+        "rows": rows,
+        "cycle_s_median": statistics.median(cycles) if cycles else None,
+        "cycle_s_p90": statistics.quantiles(cycles, n=10)[-1] if len(cycles) > 1 else None,
+        "cycle_count": len(cycles),
+        "controller_step_max_s": max(step_max) if step_max else None,
+        "controller_step_max_s_median_over_runs": statistics.median(step_max) if step_max else None,
+        "targets": targets,
+        "policy_training": policy_training,
+        "grown_gnn_decided_by": gnn_decided,
+        "grown_gnn_active_policy_at_start": by_name["grown_gnn"]["active_policy_at_start"],
+        "all_at_once_blueprint": all_at_once_blueprint,
+        "heuristic_blueprint_picks": dict(picked),
+        "warmup": {
+            "seconds": warm_s,
+            "compile_s_median": statistics.median([w["seconds"] for w in warm if "seconds" in w])
+            if any("seconds" in w for w in warm)
+            else None,
+            "kernels": warm,
+        },
+        "config": {
+            "dataset": args.dataset,
+            "split": {k: len(getattr(data0, f"y_{k}")) for k in ("train", "val", "test")},
+            "seeds": seeds,
+            "epochs": args.epochs,
+            "lr": LR,
+            "batch_size": BATCH,
+            "small": {"hidden": SMALL_HIDDEN, "params": small},
+            "large": {"hidden": LARGE_FACTOR * SMALL_HIDDEN, "params": large},
+            "param_budget": budget,
+            "growth": {
+                k: v
+                for k, v in asdict(Growth()).items()
+                if k not in ("policy", "all_at_once", "blueprint", "param_budget")
+            },
+            "seed_sites": signatures,
+            "server": "served (ESPER_URL)" if served else "embedded default",
+        },
+        "total_s": time.monotonic() - started,
+    }
+    name = "growth" if args.dataset == "digits" else f"growth-{args.dataset}"
+    path = save(name, payload)
+    plot(
+        rows,
+        RESULTS / f"{name}.png",
+        f"{args.dataset}, MLP {data0.n_features}-{SMALL_HIDDEN}-{data0.n_classes} grown vs "
+        f"static; {len(seeds)} seeds, {args.epochs} epochs",
+    )
+    print(f"\n{'variant':<18}{'test acc %':>16}{'params':>9}{'wall s':>8}{'made':>6}{'kept':>6}")
+    for r in rows:
+        print(
+            f"{r['variant']:<18}{r['acc_mean']:>9.2f} ± {r['acc_std']:<4.2f}{r['params']:>9.0f}"
+            f"{r['wall_s']:>8.2f}{r['adaptations_made']:>6.1f}{r['adaptations_kept']:>6.1f}"
+        )
+    print(
+        f"cycle (decision -> TRAINING) median {payload['cycle_s_median']} s over {len(cycles)}; "
+        f"slowest controller.step {payload['controller_step_max_s']} s"
+    )
+    print(f"policy training: {policy_training['version']=} {policy_training['activated']=}")
+    print(f"grown_gnn decided by {gnn_decided}")
+    print(f"wrote {path} and {RESULTS / f'{name}.png'} in {payload['total_s']:.0f} s")
+
+
+if __name__ == "__main__":
+    main()
