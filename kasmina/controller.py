@@ -43,6 +43,7 @@ MAX_ROLLBACKS_IN_A_ROW = 3
 NOISE_DEVIATIONS = 8.0  # a spike is also this many mean absolute deviations above the EMA
 COUNTED = ("decisions", "waits", "germinated", "fossilized", "culled", "rejected", "rollbacks")
 _GONE = frozenset({Stage.CULLED, Stage.EMBARGOED, Stage.DORMANT})
+_BEFORE_TRAINING = frozenset({Stage.GERMINATED, Stage.LOADING, Stage.ERROR_RECOVERY})
 _DTYPES = {
     torch.float32: "float32",
     torch.float64: "float64",
@@ -396,6 +397,12 @@ class Controller:
             and self.run_id is not None
             and self._asked is None
             and not self._outbox.server_down  # ask again once writes get through
+            # A kernel not yet grafted has no parameters to count in budget_used: with a
+            # budget, wait until it is, so the policy never sees the budget as emptier.
+            and not (
+                self.param_budget
+                and any(a.stage in _BEFORE_TRAINING for a in self._active.values())
+            )
             and self._ema is not None
             and self.steps % self.decide_every == 0
             and remaining >= self.training_steps + self.model.blend_steps + self.probation_steps

@@ -1,36 +1,51 @@
-"""`make demo`'s training job, run briefly against the live test server and worker."""
+"""`make demo`'s training job, end to end as a newcomer runs it: its own embedded server
+(a child process with SQLite, the in-process broker and worker threads) in a fresh home."""
+
+import os
+import sqlite3
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
-import torch
+
+ROOT = Path(__file__).resolve().parents[2]
+
+pytestmark = pytest.mark.timeout(600)
 
 
-@pytest.fixture
-def threads():
-    before = torch.get_num_threads()
-    yield
-    torch.set_num_threads(before)  # the demo pins torch to one thread
+def _demo(home: Path, *args: str) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k not in ("DATABASE_URL", "CELERY_BROKER_URL")}
+    env["ESPER_HOME"] = str(home)
+    return subprocess.run(
+        [sys.executable, "-m", "examples.demo", *args],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=540,
+        stdin=subprocess.DEVNULL,
+    )
 
 
-def test_the_demo_trains_grows_reports_and_plots(registry, token, tmp_path, capsys, threads):
-    from examples import demo
-    from tamiyo.models import Experience, TrainingRun
-
+def test_the_demo_trains_grows_reports_plots_and_records_experiences(tmp_path):
+    home = tmp_path / "home"
     plot = tmp_path / "demo.png"
-    argv = ["--server", registry.base_url, "--token", token.key, "--epochs", "8"]
-    code = demo.main([*argv, "--policy", "random", "--plot", str(plot), "--seed", "1"])
-    out = capsys.readouterr().out
-    assert code == 0, out
-    for variant in ("static small", "static large", "grown"):
-        assert variant in out
+    done = _demo(home, "--policy", "random", "--seed", "1", "--plot", str(plot))
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    for label in ("static small", "static large", "grown", "training Tamiyo's policy"):
+        assert label in done.stdout, done.stdout
     assert plot.stat().st_size > 10_000 and plot.read_bytes()[:4] == b"\x89PNG"
-    run = TrainingRun.objects.get()
-    assert run.status == "finished" and run.config["policy"] == "random"
-    assert Experience.objects.filter(run=run, reward__isnull=False).exists()
+    with sqlite3.connect(home / "esper.sqlite3") as db:
+        runs = db.execute("SELECT name, status FROM tamiyo_trainingrun").fetchall()
+        rewarded = db.execute(
+            "SELECT COUNT(*) FROM tamiyo_experience WHERE reward IS NOT NULL"
+        ).fetchone()[0]
+    assert runs == [("demo-digits-random-seed1", "finished")]
+    assert rewarded > 0, done.stdout
 
 
-def test_the_demo_says_clearly_when_the_server_is_unreachable(capsys, threads):
-    from examples import demo
-
-    code = demo.main(["--server", "http://127.0.0.1:1", "--token", "x" * 40, "--epochs", "1"])
-    assert code == 2
-    assert "cannot reach the Esper server" in capsys.readouterr().err
+def test_the_demo_says_clearly_when_the_server_is_unreachable(tmp_path):
+    done = _demo(tmp_path, "--server", "http://127.0.0.1:1", "--token", "x" * 40)
+    assert done.returncode == 2
+    assert "cannot reach the Esper server" in done.stderr and "Traceback" not in done.stderr
