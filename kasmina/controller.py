@@ -174,6 +174,7 @@ class Controller:
         self._dev = 0.0
         self._emas: deque[float] = deque(maxlen=self.decide_every + 1)
         self._good = self._since_snapshot = self._in_a_row = 0
+        self._high = False  # the last step's loss was high (a second one in a row is a spike)
         self._metrics: deque[float] = deque(maxlen=2)  # the last two validation metrics
         self._metric_now: tuple[int, float] | None = None
         self._asked: tuple[Future, _Asked] | None = None
@@ -217,10 +218,11 @@ class Controller:
         self.steps += 1
         value = float(loss.detach()) if isinstance(loss, torch.Tensor) else float(loss)
         self.model.step()
-        spike = self._is_spike(value)
+        verdict = self._verdict(value)
+        spike = verdict == "spike"
         if spike:
             self._rollback(value)
-        else:
+        elif verdict == "ok":
             self._observe(value)
         self.history.append(
             {"step": self.steps, "loss": value, "loss_ema": self._ema, "rolled_back": spike}
@@ -232,7 +234,7 @@ class Controller:
             self._ask()
         self._poll_kernels()
         self._pump()
-        if not spike and self._since_snapshot >= self.snapshot_every:
+        if verdict == "ok" and self._since_snapshot >= self.snapshot_every:
             self._snapshot = self._take_snapshot()
 
     def epoch_end(self, metrics: Mapping) -> None:
@@ -298,20 +300,29 @@ class Controller:
         }
 
     # -- loss tracking, snapshots and rollback -------------------------------------------
-    def _is_spike(self, value: float) -> bool:
+    def _verdict(self, value: float) -> str:
+        """'spike' (roll back), 'high' (one high batch: not folded into the EMA) or 'ok'.
+
+        A non-finite loss is a spike at once. A finite one is a spike when it is beyond
+        spike_factor × EMA and far outside the usual batch-to-batch noise on two steps in a
+        row: at a low loss one unlucky minibatch easily exceeds a multiple of the EMA.
+        """
         if not math.isfinite(value):
-            return True
+            return "spike"
         if self._ema is None or self._good < self.warmup_steps:
-            return False
-        # Beyond spike_factor × EMA and far outside the usual batch-to-batch noise.
+            return "ok"
         margin = max((self.spike_factor - 1.0) * abs(self._ema), NOISE_DEVIATIONS * self._dev)
         if value - self._ema <= margin:
-            return False
+            self._high = False
+            return "ok"
+        if not self._high:
+            self._high = True
+            return "high"
         if self._in_a_row >= MAX_ROLLBACKS_IN_A_ROW:
             logger.warning("loss stays high after rollbacks; accepting it", extra={"loss": value})
-            self._ema = value
-            return False
-        return True
+            self._ema, self._high = value, False
+            return "ok"
+        return "spike"
 
     def _observe(self, value: float) -> None:
         if self._ema is None:
@@ -335,6 +346,7 @@ class Controller:
         snap = self._snapshot
         self._counts["rollbacks"] += 1
         self._in_a_row += 1
+        self._high = False
         culled: list[_Adaptation] = []
         for name, layer in self.model.seed_layers.items():
             for idx in range(layer.num_seeds):

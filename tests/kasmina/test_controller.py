@@ -147,7 +147,9 @@ def test_a_loss_spike_rolls_back_and_culls_the_seed_grafted_since_the_snapshot(m
     row = controller.adaptations[0]
     assert len(loop.optimizer.param_groups) == 2 and loop.optimizer.state
 
-    controller.step(1e9)
+    controller.step(1e9)  # one high batch is not a spike: nothing happens yet
+    assert loop.stage is Stage.TRAINING and controller.stats()["rollbacks"] == 0
+    controller.step(1e9)  # a second in a row is
     assert loop.stage is Stage.CULLED and row["final_stage"] == "CULLED" and row["rolled_back"]
     for restored, initial in zip(loop.model.parameters(), loop.plain.parameters(), strict=True):
         torch.testing.assert_close(restored, initial, rtol=0, atol=0)
@@ -218,3 +220,19 @@ def test_offline_a_non_finite_loss_restores_the_last_snapshot_of_model_and_optim
         loop.train_step()
     assert all(h["loss"] == h["loss"] for h in loop.controller.history[-5:])
     assert loop.controller.run_id is None and loop.controller.close()
+
+
+def test_offline_one_unlucky_batch_is_not_a_spike_but_two_in_a_row_are():
+    loop = Loop(None, spike_factor=3.0, snapshot_every=5)
+    for _ in range(30):
+        loop.train_step()
+    controller = loop.controller
+    ema = controller.history[-1]["loss_ema"]
+    controller.step(10 * ema + 1.0)  # one batch far above the EMA, then training goes on
+    assert controller.stats()["rollbacks"] == 0
+    assert controller.history[-1]["loss_ema"] == ema  # not folded into the EMA either
+    loop.train_step()
+    controller.step(10 * ema + 1.0)
+    controller.step(10 * ema + 1.0)
+    assert controller.stats()["rollbacks"] == 1 and controller.history[-1]["rolled_back"]
+    assert controller.close()
