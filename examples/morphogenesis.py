@@ -341,10 +341,7 @@ class Growth:
     embargo_steps: int = 100
     telemetry_every: int = 5
     param_budget: int | None = None
-    # The Controller's default 3.0 rolled back ordinary minibatch noise once the training-loss
-    # EMA fell near 0.01 (one batch at 0.1 is 10x the EMA), culling fresh seeds; a non-finite
-    # loss still rolls back.
-    spike_factor: float = 1000.0
+    spike_factor: float = 3.0  # the Controller's default
     poll_interval: float = 0.25
 
 
