@@ -238,10 +238,11 @@ class Controller:
             self._snapshot = self._take_snapshot()
 
     def epoch_end(self, metrics: Mapping) -> None:
-        """Record the epoch's validation metric ('val_metric' or 'accuracy') and send metrics."""
+        """Send the epoch's metrics to the run. Without `eval_fn`, its 'val_metric' (or
+        'accuracy') is the validation metric the policy sees; with it, `eval_fn` is."""
         self.epoch += 1
         value = metrics.get("val_metric", metrics.get("accuracy"))
-        if value is not None and math.isfinite(float(value)):
+        if self.eval_fn is None and value is not None and math.isfinite(float(value)):
             self._metrics.append(float(value))
         if self.client is not None:
             body = {"epoch": self.epoch, **{str(k): _plain(v) for k, v in metrics.items()}}
