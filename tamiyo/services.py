@@ -92,19 +92,24 @@ def budget_left(*, doc: dict, run: TrainingRun) -> float:
 
 def feasibility(
     *, doc: dict, blueprints: list[Blueprint], dtype: str, budget: float = math.inf
-) -> list[list[bool]]:
-    """Which (seed site, blueprint) pairs the compiler accepts for that layer's dims and
-    whose kernel fits in `budget` parameters (the run's remaining parameter budget)."""
-    rows = []
+) -> tuple[list[list[bool]], list[int | None]]:
+    """(fits, estimates). ``fits``: which (seed site, blueprint) pairs the compiler accepts
+    for that layer's dims and whose kernel fits in `budget` parameters (the run's remaining
+    parameter budget). ``estimates``: each blueprint's mean kernel size over the layers it
+    compiles for (None where it compiles for none): the descriptors' ``params_estimate``."""
+    rows: list[list[bool]] = []
+    sizes: list[list[int]] = [[] for _ in blueprints]
     for layer in doc["layers"]:
         row = []
-        for b in blueprints:
+        for k, b in enumerate(blueprints):
             params = _site_params(
                 b.ir_sha256, b.ir["graft"], layer["layout"], layer["in"], layer["out"], dtype
             )
+            if params is not None:
+                sizes[k].append(params)
             row.append(params is not None and params <= budget)
         rows.extend([row] * len(layer["seeds"]))
-    return rows
+    return rows, [round(sum(s) / len(s)) if s else None for s in sizes]
 
 
 # -- policies ---------------------------------------------------------------------------
@@ -178,9 +183,11 @@ def decision_make(
             f"{field}: {getattr(exc, 'message', exc)}", detail={field: [str(exc)]}
         ) from exc
     descriptors, blueprints = catalogue_descriptors()
-    fits = feasibility(
+    fits, estimates = feasibility(
         doc=doc, blueprints=blueprints, dtype=dtype, budget=budget_left(doc=doc, run=run)
     )
+    for descriptor, estimate in zip(descriptors, estimates, strict=True):
+        descriptor["params_estimate"] = estimate
     version = None
     if policy_name in (None, "gnn"):
         policy, version, used = policy_active()

@@ -71,6 +71,36 @@ def test_germinate_decisions_never_pick_a_blueprint_that_does_not_fit(
             assert blueprint.ir["layout"] == "features"
 
 
+def test_descriptors_carry_each_blueprints_mean_kernel_size_over_the_layers(
+    api_client, run, health, catalogue
+):
+    from urza import services as urza_services
+    from urza.models import Blueprint
+
+    doc = graph_doc(health)
+    body = _decide(api_client, run, doc, policy="heuristic").json()
+    experience = Experience.objects.get(pk=body["experience"])
+    for descriptor in experience.blueprints:
+        ir = Blueprint.objects.get(pk=descriptor["id"]).ir
+        if descriptor["layout"] == "channels":  # these layers are Linear: it fits none
+            assert descriptor["params_estimate"] is None
+            continue
+        sizes = [
+            urza_services.kernel_param_count(
+                ir=ir,
+                signature={
+                    "graft": descriptor["graft"],
+                    "layout": "features",
+                    "in": layer["in"],
+                    "out": layer["out"],
+                    "dtype": "float32",
+                },
+            )
+            for layer in doc["layers"]
+        ]
+        assert descriptor["params_estimate"] == round(sum(sizes) / len(sizes))
+
+
 def test_germinate_decisions_stay_within_the_runs_remaining_parameter_budget(
     api_client, health, catalogue
 ):
