@@ -294,9 +294,21 @@ def policy_train_enqueue(*, seed: int = 0, epochs: int | None = None) -> None:
     app.send_task("tamiyo.train_policy", kwargs={"seed": seed, "epochs": epochs}, queue="train")
 
 
+def _json_safe(value):
+    """JSON has no NaN or infinity: a number that could not be computed is stored as null."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_json_safe(v) for v in value]
+    return value
+
+
 def policy_version_create(
     *, policy: GNNPolicy, metrics: dict, experience_count: int, activate: bool
 ) -> PolicyVersion:
+    metrics = _json_safe(metrics)
     data = policy.save_safetensors()
     digest = hashlib.sha256(data).hexdigest()
     with transaction.atomic():

@@ -238,11 +238,7 @@ def _loss(
     old = torch.where(torch.isnan(anchor), logp.detach(), anchor)
     behavior = torch.tensor([s.behavior_logprob for s in samples])
     reward = torch.tensor([s.reward for s in samples])
-    # Importance weight of the logged action, floored at 1 (its on-policy weight) and capped
-    # at max_weight. Without the floor, an action the policy has already made unlikely gets
-    # a vanishing weight however well it paid, and training can collapse onto WAIT (seen on
-    # ~1 in 8 small random-behaviour data sets); the floor trades some bias for that.
-    rho = torch.exp(old - behavior).clamp(min=1.0, max=max_weight)
+    rho = torch.exp(old - behavior).clamp(max=max_weight)
     ratio = torch.exp(logp - old)
     adv = reward - value.detach()
     pg = -(rho * torch.min(ratio * adv, ratio.clamp(1 - clip_eps, 1 + clip_eps) * adv)).mean()

@@ -1,6 +1,6 @@
 """Tamiyo learns from experiences it stored: a synthetic but honest environment.
 
-Growing at layer "2" pays (the measured contribution is +3 points), growing anywhere else
+Growing at layer "2" pays (the measured contribution is +5 points), growing anywhere else
 costs (−2 points), waiting leaves the metric flat. Experiences are collected through the
 API with the random policy, the training task runs on a real worker, and the new active
 policy must pick the paying layer far more often than the random policy did.
@@ -18,7 +18,7 @@ PAYING_LAYER = "2"
 def _outcome(body: dict) -> dict:
     if body["action"] != "germinate":
         return {"metric_before": 0.70, "metric_after": 0.70}
-    gain = 0.03 if body["layer"] == PAYING_LAYER else -0.02
+    gain = 0.05 if body["layer"] == PAYING_LAYER else -0.02
     return {
         "final_stage": "FOSSILIZED" if gain > 0 else "CULLED",
         "contribution": gain,

@@ -256,3 +256,17 @@ def test_malformed_fits_masks_are_named():
     experiences[2]["fits"][7] = [True, False]
     with pytest.raises(ValueError, match=r"experiences\[2\]\.fits\[7\]: expected 3 booleans"):
         evaluate_policy(RandomPolicy(), experiences)
+
+
+@pytest.mark.django_db
+def test_a_version_whose_scores_could_not_be_computed_stores_null_not_nan():
+    from tamiyo import services
+    from tamiyo.models import PolicyVersion
+    from tamiyo.policy import GNNPolicy
+
+    metrics = {"heldout_score_candidate": math.nan, "history": [{"loss": math.inf}], "n": 3}
+    version = services.policy_version_create(
+        policy=GNNPolicy(), metrics=metrics, experience_count=0, activate=False
+    )
+    stored = PolicyVersion.objects.get(pk=version.pk).metrics
+    assert stored == {"heldout_score_candidate": None, "history": [{"loss": None}], "n": 3}
