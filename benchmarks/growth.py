@@ -21,6 +21,10 @@ trains with the same plain loop (Adam, lr 3e-3, batch 32, 40 epochs) and seeds:
                      version was activated (its held-out score is no worse) -- the JSON says
                      which policy decided.
 
+A static frontier (the same loop for widths between small and large: 10, 12, 14, 15, 16 and
+24) shows what the first target asks for: how accurate a model of a given size gets when it
+is trained from scratch at that size.
+
 Growth decisions and seed judgements use the validation split; the test split is read
 once per run, after training. Before the measured runs every catalogue blueprint that fits
 a seed site is compiled once (a registry in use has them cached); those cold compile times
@@ -75,6 +79,7 @@ VARIANTS = (
 )
 # The knobs (tuned on the validation split); the growth knobs are `Growth`'s defaults.
 EPOCHS, LR, BATCH = 40, 3e-3, 32
+FRONTIER_WIDTHS = (10, 12, 14, 15, 16, 24)  # static widths between small (8) and large (32)
 
 
 def mean(values):
@@ -137,7 +142,20 @@ def summarise(variant: str, runs: list[RunResult]) -> dict:
     }
 
 
-def plot(rows: list[dict], path: Path, title: str) -> None:
+def paired(runs: list[RunResult], baseline: list[RunResult]) -> dict:
+    """`runs` vs `baseline` seed by seed (the same data split and init seed): the mean
+    accuracy difference in points, its standard error, and the seeds won."""
+    diff = [100 * (a.test_accuracy - b.test_accuracy) for a, b in zip(runs, baseline, strict=True)]
+    return {
+        "beats": statistics.fmean(diff) > 0,
+        "diff_pts_mean": statistics.fmean(diff),
+        "diff_pts_sem": stdev(diff) / len(diff) ** 0.5,
+        "seeds_won": sum(d > 0 for d in diff),
+        "seeds": len(diff),
+    }
+
+
+def plot(rows: list[dict], frontier: list[dict], path: Path, title: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -162,6 +180,25 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
         ax_curve.plot(
             range(1, len(r["val_curve"]) + 1), r["val_curve"], color=color, lw=1.5, label=label
         )
+    static = sorted(
+        [
+            {"params": by_name[v]["params"], "acc_mean": by_name[v]["acc_mean"]}
+            for v in ("static_small", "static_large")
+        ]
+        + frontier,
+        key=lambda r: r["params"],
+    )
+    ax.plot(
+        [r["params"] for r in static],
+        [r["acc_mean"] for r in static],
+        color="gray",
+        lw=1,
+        ls="--",
+        marker=".",
+        label="static MLPs, hidden width 8-32 (trained from scratch)",
+        zorder=0,
+    )
+    ax.legend(fontsize=7, loc="upper left")
     ax.axhspan(large["acc_mean"] - 0.5, large["acc_mean"] + 0.5, color="tab:orange", alpha=0.12)
     ax.axvline(large["params"] / 2, color="gray", ls=":", lw=1)
     ax.text(
@@ -213,6 +250,7 @@ def main() -> None:
     sites = wrap(make_mlp(data0.n_features, SMALL_HIDDEN, data0.n_classes)).seed_layers
     signatures = {name: layer.signature for name, layer in sites.items()}
     results: dict[str, list[RunResult]] = {v: [] for v in VARIANTS}
+    results.update({f"static_h{w}": [] for w in FRONTIER_WIDTHS})
     server_env = {"TAMIYO_TRAIN_EVERY": "0", "TAMIYO_TRAIN_SCHEDULE_S": "0"}  # train on cue
 
     with EmbeddedServer(env=server_env) as server:
@@ -220,7 +258,9 @@ def main() -> None:
         t0 = time.monotonic()
         warm = warm_registry(client, signatures)
         warm_s = time.monotonic() - t0
-        bar = tqdm(total=len(VARIANTS) * len(seeds), desc="growth", unit="run")
+        bar = tqdm(
+            total=(len(VARIANTS) + len(FRONTIER_WIDTHS)) * len(seeds), desc="growth", unit="run"
+        )
 
         def run(variant: str, seed: int, hidden: int, growth: Growth | None) -> None:
             bar.set_postfix_str(f"{variant} seed {seed}")
@@ -243,6 +283,8 @@ def main() -> None:
         for seed in seeds:
             run("static_small", seed, SMALL_HIDDEN, None)
             run("static_large", seed, LARGE_FACTOR * SMALL_HIDDEN, None)
+            for width in FRONTIER_WIDTHS:
+                run(f"static_h{width}", seed, width, None)
         for seed in seeds:
             for policy in ("heuristic", "random"):
                 growth = Growth(policy=policy, param_budget=budget)
@@ -277,6 +319,15 @@ def main() -> None:
         served = not server.started
 
     rows = [summarise(v, results[v]) for v in VARIANTS]
+    frontier = [
+        {
+            "hidden": w,
+            "params": results[f"static_h{w}"][0].params,
+            "acc_mean": mean([100 * r.test_accuracy for r in results[f"static_h{w}"]]),
+            "acc_std": stdev([100 * r.test_accuracy for r in results[f"static_h{w}"]]),
+        }
+        for w in FRONTIER_WIDTHS
+    ]
     by_name = {r["variant"]: r for r in rows}
     grown_runs = [r for v in ("grown_heuristic", "grown_random", "grown_gnn") for r in results[v]]
     cycles = [c for r in grown_runs for c in r.cycle_s]
@@ -292,19 +343,29 @@ def main() -> None:
             "met": gap <= 0.5 and ratio <= 0.5,
         }
 
+    within_half = [f for f in frontier if f["params"] <= by_name["static_large"]["params"] / 2]
+    best_static = max(within_half, key=lambda f: f["acc_mean"], default=None)
     gnn_decided = by_name["grown_gnn"]["decided_by"]
     targets = {
         "grown_within_0.5_pts_of_large_at_half_params": {
             v: verdict(v) for v in ("grown_gnn", "grown_heuristic", "grown_random")
         },
         "guided_beats_random": {
-            v: by_name[v]["acc_mean"] > by_name["grown_random"]["acc_mean"]
-            for v in ("grown_gnn", "grown_heuristic")
+            v: paired(results[v], results["grown_random"]) for v in ("grown_gnn", "grown_heuristic")
         },
         "cycle_s_median_under_5": bool(cycles) and statistics.median(cycles) < 5.0,
+        # The first target against models trained from scratch at that size: the best
+        # static MLP with at most half of static_large's parameters.
+        "static_at_half_params": best_static
+        and {
+            "hidden": best_static["hidden"],
+            "params": best_static["params"],
+            "acc_gap_to_large_pts": by_name["static_large"]["acc_mean"] - best_static["acc_mean"],
+        },
     }
     payload = {
         "rows": rows,
+        "static_frontier": frontier,
         "cycle_s_median": statistics.median(cycles) if cycles else None,
         "cycle_s_p90": statistics.quantiles(cycles, n=10)[-1] if len(cycles) > 1 else None,
         "cycle_count": len(cycles),
@@ -347,6 +408,7 @@ def main() -> None:
     path = save(name, payload)
     plot(
         rows,
+        frontier,
         RESULTS / f"{name}.png",
         f"{args.dataset}, MLP {data0.n_features}-{SMALL_HIDDEN}-{data0.n_classes} grown vs "
         f"static; {len(seeds)} seeds, {args.epochs} epochs",
@@ -357,10 +419,19 @@ def main() -> None:
             f"{r['variant']:<18}{r['acc_mean']:>9.2f} ± {r['acc_std']:<4.2f}{r['params']:>9.0f}"
             f"{r['wall_s']:>8.2f}{r['adaptations_made']:>6.1f}{r['adaptations_kept']:>6.1f}"
         )
+    for f in frontier:
+        print(
+            f"{'static h' + str(f['hidden']):<18}{f['acc_mean']:>9.2f} ± {f['acc_std']:<4.2f}{f['params']:>9}"
+        )
     print(
         f"cycle (decision -> TRAINING) median {payload['cycle_s_median']} s over {len(cycles)}; "
         f"slowest controller.step {payload['controller_step_max_s']} s"
     )
+    for v, t in targets["guided_beats_random"].items():
+        print(
+            f"{v} - grown_random: {t['diff_pts_mean']:+.2f} ± {t['diff_pts_sem']:.2f} pts "
+            f"(paired, won {t['seeds_won']}/{t['seeds']} seeds)"
+        )
     print(f"policy training: {policy_training['version']=} {policy_training['activated']=}")
     print(f"grown_gnn decided by {gnn_decided}")
     print(f"wrote {path} and {RESULTS / f'{name}.png'} in {payload['total_s']:.0f} s")

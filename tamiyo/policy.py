@@ -303,8 +303,11 @@ class HeuristicPolicy(_Decides):
     ``|loss_trend| <= plateau_tol``, budget_used < 1, and the layer's gradient ratio is at
     least ``grad_ratio`` or its dead fraction at least ``dead_threshold``. Scores: WAIT 0.5;
     GERMINATE(n, k) = pressure(n) − 0.25 · rank of k among n's legal blueprints by
-    ``params_estimate`` (smallest first, unknown last). Greedy picks the top score (the
-    rule: highest pressure, smallest fitting blueprint); sampling draws from
+    ``params_estimate`` (largest first, unknown last). Greedy picks the top score (the
+    rule: highest pressure, the largest blueprint that fits -- with a ``param_budget`` the
+    server's ``fits`` mask holds only kernels within what is left of it, so the rule spends
+    the budget where the pressure is; without one, any blueprint the compiler accepts is
+    legal, so set a budget to bound growth); sampling draws from
     softmax(score / temperature), which keeps logprob exact; temperature 0 makes the policy
     deterministic (the chosen action has logprob 0).
     """
@@ -348,10 +351,10 @@ class HeuristicPolicy(_Decides):
         dead = x[:, f("act_dead_fraction")]
         pressure = ratio + self.dead_weight * dead
         candidate = (ratio >= self.grad_ratio) | (dead >= self.dead_threshold)
-        size = [math.inf if b["params_estimate"] is None else b["params_estimate"] for b in bps]
+        size = [-math.inf if b["params_estimate"] is None else b["params_estimate"] for b in bps]
         for n in torch.nonzero(candidate & mask.any(1)).flatten().tolist():
             legal = torch.nonzero(mask[n]).flatten().tolist()
-            for rank, k in enumerate(sorted(legal, key=lambda k: (size[k], k))):
+            for rank, k in enumerate(sorted(legal, key=lambda k: (-size[k], k))):
                 scores[n, k] = pressure[n] - 0.25 * rank
         return scores
 

@@ -86,6 +86,21 @@ CATALOGUE: list[dict] = [
         ),
     ),
     _entry(
+        "parallel-mlp-narrow",
+        "MLP beside a Linear host with hidden width OUT: a narrow widening; starts at zero.",
+        ["parallel", "features", "mlp", "small"],
+        _ir(
+            "parallel-mlp-narrow",
+            "parallel",
+            "features",
+            [
+                {"op": "linear", "out": "OUT"},
+                {"op": "gelu"},
+                {"op": "linear", "out": "OUT", "init": "zeros"},
+            ],
+        ),
+    ),
+    _entry(
         "conv1x1-bottleneck",
         "1x1-conv bottleneck (C -> ceil(C/4) -> C) on a conv layer's output; starts at zero.",
         ["residual", "channels", "conv", "small"],

@@ -178,19 +178,19 @@ def test_only_wait_is_legal_without_a_growable_site():
     assert GNNPolicy().decide(data, [], rng=torch.Generator()).action == "wait"
 
 
-def test_heuristic_grows_at_the_plateau_where_gradients_are_high_with_the_smallest_blueprint():
+def test_heuristic_grows_at_the_plateau_where_gradients_are_high_with_the_largest_blueprint():
     layers = [make_layer("0"), make_layer("1", grad_norm=3.0), make_layer("2", "Conv2d")]
     policy = HeuristicPolicy()
     rng = torch.Generator().manual_seed(0)
     plateau = to_data(make_doc(layers, loss_trend=0.001))
     d = policy.decide(plateau, CATALOGUE, rng=rng, greedy=True)
-    assert (d.action, d.layer, d.seed, d.blueprint_index) == ("germinate", "1", 0, 1)
+    assert (d.action, d.layer, d.seed, d.blueprint_index) == ("germinate", "1", 0, 0)
     assert d.logprob < 0  # a softmax with temperature: the logprob is exact, not 0
     falling = to_data(make_doc(layers, loss_trend=-0.05))
     d = policy.decide(falling, CATALOGUE, rng=rng)
     assert (d.action, d.logprob) == ("wait", 0.0)
     strict = HeuristicPolicy(temperature=0.0).decide(plateau, CATALOGUE, rng=rng)
-    assert (strict.layer, strict.blueprint_index, strict.logprob) == ("1", 1, 0.0)
+    assert (strict.layer, strict.blueprint_index, strict.logprob) == ("1", 0, 0.0)
 
 
 def test_save_and_load_give_identical_logits():
@@ -284,11 +284,11 @@ def test_gnn_evaluate_applies_each_graphs_own_fits():
     assert mixed[1] == -math.inf
 
 
-def test_heuristic_picks_the_smallest_blueprint_the_server_can_compile():
+def test_heuristic_picks_the_largest_blueprint_that_fits():
     layers = [make_layer("0"), make_layer("1", grad_norm=3.0), make_layer("2", "Conv2d")]
     plateau = to_data(make_doc(layers, loss_trend=0.001))
     fits = torch.ones(6, len(CATALOGUE), dtype=torch.bool)
-    fits[:, 1] = False  # lowrank-parallel, the smallest, compiles nowhere
+    fits[:, 0] = False  # residual-mlp-wide, the largest, is over the budget everywhere
     rng = torch.Generator().manual_seed(0)
     d = HeuristicPolicy().decide(plateau, CATALOGUE, rng=rng, greedy=True, fits=fits)
     assert (d.action, d.layer, d.seed, d.blueprint_index) == ("germinate", "1", 0, 4)
