@@ -7,7 +7,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -49,3 +51,20 @@ def test_the_demo_says_clearly_when_the_server_is_unreachable(tmp_path):
     done = _demo(tmp_path, "--server", "http://127.0.0.1:1", "--token", "x" * 40)
     assert done.returncode == 2
     assert "cannot reach the Esper server" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_mnist1d_is_generated_locally_split_and_standardised():
+    from examples.morphogenesis import load_dataset
+
+    state = np.random.get_state()[1].copy()
+    data = load_dataset("mnist1d", seed=0)
+    again = load_dataset("mnist1d", seed=0)
+    assert (data.n_features, data.n_classes) == (40, 10)
+    assert (len(data.y_train), len(data.y_val), len(data.y_test)) == (3200, 800, 1000)
+    assert torch.equal(data.x_train, again.x_train) and torch.equal(data.y_test, again.y_test)
+    # standardised on the training split only
+    assert data.x_train.mean(0).abs().max() < 1e-4
+    assert (data.x_train.std(0) - 1).abs().max() < 1e-2
+    assert set(data.y_train.unique().tolist()) == set(range(10))
+    # generating it leaves numpy's global generator where it was
+    assert (np.random.get_state()[1] == state).all()
