@@ -114,6 +114,9 @@ class Controller:
     `eval_fn()` returns a higher-is-better metric on held-out data (run under `no_grad`
     with the model in eval mode); without it the metric is the negative training-loss EMA
     and contributions are not measured (a seed is kept if the loss did not get worse).
+    `param_budget` bounds the parameters growth may add: the server offers only kernels
+    that fit what is left of it. The default "model" is the model's own parameter count
+    (growth at most doubles it); None means no limit beyond the compiler's.
     """
 
     def __init__(
@@ -128,7 +131,7 @@ class Controller:
         probation_steps: int = 50,
         training_steps: int = 50,
         eval_fn: Callable[[], float] | None = None,
-        param_budget: int | None = None,
+        param_budget: int | str | None = "model",
         policy: str | None = None,
         spike_factor: float = 3.0,
         snapshot_every: int = 50,
@@ -153,8 +156,15 @@ class Controller:
             raise ValueError("probation_steps, training_steps and warmup_steps must be >= 0")
         if spike_factor <= 1.0:
             raise ValueError(f"spike_factor must be above 1, got {spike_factor}")
-        if param_budget is not None and param_budget <= 0:
-            raise ValueError(f"param_budget must be a positive integer or None, got {param_budget}")
+        if param_budget == "model":
+            param_budget = sum(p.numel() for p in model.parameters())
+        if param_budget is not None and (
+            isinstance(param_budget, bool) or not isinstance(param_budget, int) or param_budget <= 0
+        ):
+            raise ValueError(
+                'param_budget must be a positive integer, "model" (the default: as many '
+                f"parameters as the model has) or None (no limit), got {param_budget!r}"
+            )
         self.model, self.optimizer, self.client = model, optimizer, client
         self.total_steps, self.decide_every = int(total_steps), int(decide_every)
         self.probation_steps, self.training_steps = int(probation_steps), int(training_steps)

@@ -236,3 +236,18 @@ def test_offline_one_unlucky_batch_is_not_a_spike_but_two_in_a_row_are():
     controller.step(10 * ema + 1.0)
     assert controller.stats()["rollbacks"] == 1 and controller.history[-1]["rolled_back"]
     assert controller.close()
+
+
+def test_the_default_budget_is_the_models_own_size_and_a_bad_budget_says_what_to_pass():
+    from torch import nn
+
+    from kasmina import Controller, wrap
+
+    model = wrap(nn.Sequential(nn.Linear(8, 4), nn.ReLU(), nn.Linear(4, 3)))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    assert Controller(model, optimizer, total_steps=10).param_budget == 36 + 15
+    assert Controller(model, optimizer, total_steps=10, param_budget=None).param_budget is None
+    assert Controller(model, optimizer, total_steps=10, param_budget=7).param_budget == 7
+    for bad in (0, -5, 2.5, True, "half"):
+        with pytest.raises(ValueError, match=r'^param_budget must be a positive integer, "model"'):
+            Controller(model, optimizer, total_steps=10, param_budget=bad)
