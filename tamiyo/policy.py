@@ -306,8 +306,8 @@ class HeuristicPolicy(_Decides):
     ``params_estimate`` (largest first, unknown last). Greedy picks the top score (the
     rule: highest pressure, the largest blueprint that fits -- with a ``param_budget`` the
     server's ``fits`` mask holds only kernels within what is left of it, so the rule spends
-    the budget where the pressure is; without one, any blueprint the compiler accepts is
-    legal, so set a budget to bound growth); sampling draws from
+    the budget where the pressure is; the Controller's default budget is the model's own
+    size, and a run without one may get any kernel the compiler accepts); sampling draws from
     softmax(score / temperature), which keeps logprob exact; temperature 0 makes the policy
     deterministic (the chosen action has logprob 0).
     """
