@@ -65,11 +65,17 @@ def test_a_germinate_decision_runs_the_lifecycle_without_blocking_and_is_rewarde
     assert experience.outcome["final_stage"] == row["final_stage"]
     assert experience.outcome["contribution"] == pytest.approx(row["contribution"])
     assert -1 <= experience.reward <= 1
+    # The one seed site is taken (or embargoed after a cull), so the next decisions are
+    # waits; each gets its outcome `decide_every` steps later. (The random policy's first
+    # decision may already have been the germinate, so none need exist yet.)
+    waits = Experience.objects.filter(
+        run_id=controller.run_id, action__action="wait", reward__isnull=False
+    )
+    loop.run_until(waits.exists, timeout=30)
     assert controller.close()
     run = TrainingRun.objects.get(pk=controller.run_id)
     assert run.status == "finished" and run.config["param_budget"] == 5_000
     assert run.metrics["controller"]["germinated"] == 1
-    waits = Experience.objects.filter(run=run, action__action="wait", reward__isnull=False)
     assert waits.exists(), "wait decisions get their outcome too"
 
 
