@@ -28,6 +28,17 @@ def _entry(name: str, description: str, tags: list[str], ir: dict) -> dict:
     return {"name": name, "version": 1, "description": description, "tags": tags, "ir": ir}
 
 
+def _parallel_mlp(name: str, hidden: str, description: str, size: str) -> dict:
+    """GELU MLP beside a Linear host (IN -> hidden -> OUT), zero-initialised output."""
+    layers = [
+        {"op": "linear", "out": hidden},
+        {"op": "gelu"},
+        {"op": "linear", "out": "OUT", "init": "zeros"},
+    ]
+    tags = ["parallel", "features", "mlp", size]
+    return _entry(name, description, tags, _ir(name, "parallel", "features", layers))
+
+
 _ZERO_LINEAR_D = {"op": "linear", "out": "D", "init": "zeros"}
 _ZERO_CONV_D = {"op": "conv1x1", "out": "D", "init": "zeros"}
 
@@ -70,35 +81,17 @@ CATALOGUE: list[dict] = [
             {"rank": 8},
         ),
     ),
-    _entry(
+    _parallel_mlp(
         "parallel-widening-mlp",
+        "IN",
         "MLP beside a Linear host with hidden width IN, widening the layer; starts at zero.",
-        ["parallel", "features", "mlp", "wide"],
-        _ir(
-            "parallel-widening-mlp",
-            "parallel",
-            "features",
-            [
-                {"op": "linear", "out": "IN"},
-                {"op": "gelu"},
-                {"op": "linear", "out": "OUT", "init": "zeros"},
-            ],
-        ),
+        "wide",
     ),
-    _entry(
+    _parallel_mlp(
         "parallel-mlp-narrow",
+        "OUT",
         "MLP beside a Linear host with hidden width OUT: a narrow widening; starts at zero.",
-        ["parallel", "features", "mlp", "small"],
-        _ir(
-            "parallel-mlp-narrow",
-            "parallel",
-            "features",
-            [
-                {"op": "linear", "out": "OUT"},
-                {"op": "gelu"},
-                {"op": "linear", "out": "OUT", "init": "zeros"},
-            ],
-        ),
+        "small",
     ),
     _entry(
         "conv1x1-bottleneck",
