@@ -248,7 +248,10 @@ def main() -> None:
     small = count_params(make_mlp(data0.n_features, SMALL_HIDDEN, data0.n_classes))
     large = count_params(make_mlp(data0.n_features, LARGE_FACTOR * SMALL_HIDDEN, data0.n_classes))
     sites = wrap(make_mlp(data0.n_features, SMALL_HIDDEN, data0.n_classes)).seed_layers
-    signatures = {name: layer.signature for name, layer in sites.items()}
+    signatures = {
+        name: {**layer.signature, "bridge_from": getattr(layer.bridge_source, "layer_name", None)}
+        for name, layer in sites.items()
+    }
     results: dict[str, list[RunResult]] = {v: [] for v in VARIANTS}
     results.update({f"static_h{w}": [] for w in FRONTIER_WIDTHS})
     server_env = {"TAMIYO_TRAIN_EVERY": "0", "TAMIYO_TRAIN_SCHEDULE_S": "0"}  # train on cue
@@ -256,7 +259,7 @@ def main() -> None:
     with EmbeddedServer(env=server_env) as server:
         client = check_server(server.url, server.token)
         t0 = time.monotonic()
-        warm = warm_registry(client, signatures)
+        warm = warm_registry(client, sites)
         warm_s = time.monotonic() - t0
         bar = tqdm(
             total=(len(VARIANTS) + len(FRONTIER_WIDTHS)) * len(seeds), desc="growth", unit="run"

@@ -198,7 +198,6 @@ def plot(results: list[RunResult], path: Path, title: str) -> Path:
 def warm(client, data) -> None:
     """Compile the catalogue for the small MLP's seed sites (instant when already cached)."""
     sites = wrap(make_mlp(data.n_features, SMALL_HIDDEN, data.n_classes)).seed_layers
-    signatures = {name: layer.signature for name, layer in sites.items()}
     bar = tqdm(desc="compiling kernels (Tezzeret worker)", unit="kernel", leave=False)
 
     def done(i: int, n: int) -> None:
@@ -207,12 +206,14 @@ def warm(client, data) -> None:
 
     started = time.monotonic()
     try:
-        rows = warm_registry(client, signatures, on_done=done)
+        rows = warm_registry(client, sites, on_done=done)
     finally:
         bar.close()
     ready = [r for r in rows if r.get("status") == "validated"]
     slowest = max((r["seconds"] for r in ready), default=0.0)
-    layers = ", ".join(f"{n} {s['in']}->{s['out']}" for n, s in signatures.items())
+    layers = ", ".join(
+        f"{n} {la.signature['in']}->{la.signature['out']}" for n, la in sites.items()
+    )
     print(
         f"registry: {len(ready)}/{len(rows)} kernels validated for layers {layers} in "
         f"{time.monotonic() - started:.1f} s (slowest {slowest:.1f} s; cached ones are instant)"

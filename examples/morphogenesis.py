@@ -23,7 +23,7 @@ import math
 import re
 import time
 from collections import Counter, OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kasmina import EsperClient, Stage, wrap
+from kasmina import EsperClient, SeedLayer, Stage, wrap
 from kasmina.errors import ApiError, KasminaError, RegistryUnavailable
 
 try:  # the public name once kasmina exports it; the module in any case
@@ -263,24 +263,29 @@ def wait_for_policy(
 
 def warm_registry(
     client: EsperClient,
-    signatures: dict[str, dict],
+    layers: Mapping[str, SeedLayer],
     *,
     dtype: str = "float32",
     timeout: float = 300.0,
     on_done: Callable[[int, int], None] | None = None,
 ) -> list[dict]:
-    """Compile every active catalogue blueprint that fits each layer signature
-    (`{"layout", "in", "out"}`), as a registry in use already has them: the kernel cache key
+    """Compile every active catalogue blueprint that fits each seed layer (`seed_layers` of a
+    wrapped model), as a registry in use already has them: the kernel cache key
     makes later requests for them instant. Returns one row per kernel with its status and the
     seconds from request to a final status (the cold compile, queue wait included)."""
     blueprints = [b for b in client.list_blueprints(status="active")]
     wanted = []
-    for layer, sig in signatures.items():
+    for name, layer in layers.items():
         for bp in blueprints:
             graft, layout = bp.ir.get("graft"), bp.ir.get("layout")
-            if layout != sig["layout"] or (graft == "parallel" and layout != "features"):
+            if layout != layer.signature["layout"] or (
+                graft != "residual" and layout != "features"
+            ):
                 continue
-            wanted.append((layer, bp, {"graft": graft, **sig, "dtype": dtype}))
+            try:
+                wanted.append((name, bp, layer.seed_signature(graft, dtype)))
+            except ValueError:  # a bridge blueprint, and this layer has no bridge source
+                continue
     rows = []
     for layer, bp, signature in wanted:
         start = time.monotonic()
@@ -414,7 +419,10 @@ class _AllAtOnce:
         blueprint = max(found, key=lambda b: b.version)
         kernels = {}
         for name, layer in model.seed_layers.items():
-            signature = {"graft": blueprint.ir["graft"], **layer.signature, "dtype": "float32"}
+            try:
+                signature = layer.seed_signature(blueprint.ir["graft"])
+            except ValueError:  # a bridge blueprint, and this layer has no bridge source
+                continue
             kernels[name] = client.request_kernel(blueprint.id, signature).id
         for name, kernel in kernels.items():
             info = client.wait_for_kernel(kernel, timeout=300)
@@ -423,9 +431,9 @@ class _AllAtOnce:
                     f"{growth.blueprint} kernel for layer {name} is {info.status}: {info.error}"
                 )
         self.sites: dict[tuple[str, int], int] = {}
-        for name, layer in model.seed_layers.items():
-            for idx in range(layer.num_seeds):
-                model.load_kernel(name, idx, kernels[name], optimizer=optimizer)
+        for name, kernel in kernels.items():
+            for idx in range(model.layer(name).num_seeds):
+                model.load_kernel(name, idx, kernel, optimizer=optimizer)
                 self.sites[(name, idx)] = 0
         self.params_before = {
             key: sum(p.numel() for p in model.seed_parameters(*key)) for key in self.sites

@@ -19,6 +19,7 @@ from kasmina.lifecycle import GRAFTED_STAGES, Stage, check_transition
 __all__ = ["SeedLayer", "host_signature", "kernel_id_from_tensor", "kernel_id_to_tensor"]
 
 _MASK64 = (1 << 64) - 1
+GRAFT_CODES = ("residual", "parallel", "bridge")  # `seed_graft` buffer values
 
 
 def kernel_id_to_tensor(kernel_id: str | None) -> torch.Tensor:
@@ -49,7 +50,9 @@ def host_signature(host: nn.Module) -> dict:
 
 
 class SeedLayer(nn.Module):
-    """`host(x)` plus, per live seed, `α·s(h)` (residual graft) or `α·s(x)` (parallel graft)."""
+    """`host(x)` plus, per live seed, `α·s(h)` (residual graft), `α·s(x)` (parallel graft) or
+    `α·s(x_src)` (bridge graft: `x_src` is the input of `bridge_source`, the seed layer that
+    feeds this one, so the seed adds hidden units between the two)."""
 
     def __init__(self, host: nn.Module, *, layer_name: str, num_seeds: int = 1) -> None:
         super().__init__()
@@ -64,9 +67,7 @@ class SeedLayer(nn.Module):
         self.register_buffer("seed_stage", torch.zeros(n, dtype=torch.int64))
         self.register_buffer("seed_alpha", torch.zeros(n, dtype=torch.float32))
         self.register_buffer("seed_kernel_id", torch.zeros(n, 2, dtype=torch.int64))
-        self.register_buffer(
-            "seed_graft", torch.zeros(n, dtype=torch.int64)
-        )  # 0 residual, 1 parallel
+        self.register_buffer("seed_graft", torch.zeros(n, dtype=torch.int64))  # GRAFT_CODES
         self.register_buffer("seed_health_ema", torch.zeros(n, dtype=torch.float32))
         self.register_buffer("seed_latency_us", torch.zeros(n, dtype=torch.float32))
         self.register_buffer("seed_error_count", torch.zeros(n, dtype=torch.int32))
@@ -79,6 +80,7 @@ class SeedLayer(nn.Module):
         self.error_counts: list[int] = [0] * n
         self.latency_us: list[float] = [0.0] * n
         self._live: tuple[int, ...] = ()
+        self._bridged = False  # a live seed is a bridge graft
         self._active = False  # the dormant fast path's one check
         self.busy = False  # any seed not DORMANT (lets step() skip idle layers)
         self._sample = False
@@ -86,6 +88,11 @@ class SeedLayer(nn.Module):
         self.guard_nonfinite = True
         self._telemetry: dict[str, torch.Tensor] = {}
         self._latency_pending: list[tuple[int, float]] = []
+        # Bridges: `_source` is a 1-tuple (not a registered submodule) holding the layer whose
+        # input bridge seeds here read; that layer keeps its latest input while `_taps` > 0.
+        self._source: tuple[SeedLayer, ...] = ()
+        self._taps = 0
+        self._tapped: torch.Tensor | None = None
 
     # -- forward -------------------------------------------------------------------------
     def forward(self, *args, **kwargs):
@@ -96,16 +103,20 @@ class SeedLayer(nn.Module):
 
     def _morph(self, x: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
         self.forward_count += 1
+        if self._taps:
+            self._tapped = x
         sample = self._sample
         if sample:
             self._sample = False
             self._record_activation(h)
-            self._active = bool(self._live)
+            self._update_active()
         out = h
+        x_src = self._take_bridge_input() if self._bridged else None
         for i in self._live:
             seed = self.seeds[str(i)]
             training = self.stages[i] is Stage.TRAINING
-            inp = x if self.grafts[i] == "parallel" else h
+            graft = self.grafts[i]
+            inp = h if graft == "residual" else x if graft == "parallel" else x_src
             if training:
                 inp = inp.detach()  # the host is untouched while the seed incubates
             if sample and h.device.type == "cpu":
@@ -128,6 +139,17 @@ class SeedLayer(nn.Module):
                 out = out + self.seed_alpha[i].to(s.dtype) * s
         return out
 
+    def _take_bridge_input(self) -> torch.Tensor:
+        source = self._source[0]
+        x_src, source._tapped = source._tapped, None
+        if x_src is None:
+            raise RuntimeError(
+                f"a bridge seed of layer {self.layer_name!r} reads the input of "
+                f"{source.layer_name!r}, which did not run before it in this forward pass; "
+                "bridge only layers that feed each other (wrap(..., bridges=...))"
+            )
+        return x_src
+
     @torch.no_grad()
     def _record_activation(self, h: torch.Tensor) -> None:
         """Mean, std and the fraction of units never positive in this batch (no sync)."""
@@ -144,13 +166,59 @@ class SeedLayer(nn.Module):
         self._sample = True
         self._active = True
 
+    def _update_active(self) -> None:
+        self._active = bool(self._live) or self._sample or self._taps > 0
+
     def refresh(self) -> None:
-        """Recompute the live set and the fast-path flag from the mirror."""
+        """Recompute the live set and the fast-path flags from the mirror."""
         self._live = tuple(
             i for i, s in enumerate(self.stages) if s in GRAFTED_STAGES and str(i) in self.seeds
         )
-        self._active = bool(self._live) or self._sample
+        self._bridged = any(self.grafts[i] == "bridge" for i in self._live)
+        self._update_active()
         self.busy = any(stage is not Stage.DORMANT for stage in self.stages)
+        if self._source:
+            source = self._source[0]
+            source._taps = int(self._bridged)
+            source._tapped = None
+            source._update_active()
+
+    @property
+    def bridge_source(self) -> SeedLayer | None:
+        """The layer whose input this layer's bridge seeds read (None: no bridge grafts here)."""
+        return self._source[0] if self._source else None
+
+    def set_bridge_source(self, source: SeedLayer | None) -> None:
+        if source is not None and (
+            source is self
+            or source.signature["layout"] != "features"
+            or self.signature["layout"] != "features"
+        ):
+            raise ValueError(
+                f"cannot bridge {source.layer_name!r} -> {self.layer_name!r}: a bridge joins two "
+                "different nn.Linear layers"
+            )
+        self._source = () if source is None else (source,)
+
+    def seed_signature(self, graft: str, dtype: str = "float32") -> dict:
+        """The kernel signature a `graft` seed of this layer needs (ValueError if none fits)."""
+        n_in, n_out = self.graft_dims(graft)
+        layout = self.signature["layout"]
+        return {"graft": graft, "layout": layout, "in": n_in, "out": n_out, "dtype": dtype}
+
+    def graft_dims(self, graft: str) -> tuple[int, int]:
+        """(in, out) widths a `graft` seed of this layer reads and writes."""
+        sig = self.signature
+        if graft in ("residual", "parallel"):
+            return sig["in"], sig["out"]
+        if graft == "bridge" and self._source:
+            return self._source[0].signature["in"], sig["out"]
+        if graft == "bridge":
+            raise ValueError(
+                f"layer {self.layer_name!r} has no bridge source: bridge seeds live on a Linear "
+                "layer fed by another seed layer (wrap(..., bridges={'fc2': 'fc1'}))"
+            )
+        raise ValueError(f"unknown graft {graft!r}; grafts: {', '.join(GRAFT_CODES)}")
 
     def check_index(self, seed_idx: int) -> int:
         if not isinstance(seed_idx, int) or not 0 <= seed_idx < self.num_seeds:
@@ -187,7 +255,7 @@ class SeedLayer(nn.Module):
             self.seed_kernel_id.device
         )
         self.grafts[seed_idx] = graft
-        self.seed_graft[seed_idx] = 1 if graft == "parallel" else 0
+        self.seed_graft[seed_idx] = GRAFT_CODES.index(graft)
         self.seed_fallback[seed_idx] = False
         self.set_alpha(seed_idx, 0.0)
         self.transition(seed_idx, Stage.TRAINING)
@@ -217,7 +285,7 @@ class SeedLayer(nn.Module):
         self.alphas = [float(v) for v in self.seed_alpha.tolist()]
         self.kernel_ids = [kernel_id_from_tensor(row) for row in self.seed_kernel_id]
         self.grafts = [
-            None if k is None else ("parallel" if g else "residual")
+            None if k is None else GRAFT_CODES[g]
             for k, g in zip(self.kernel_ids, self.seed_graft.tolist(), strict=True)
         ]
         self.error_counts = [int(v) for v in self.seed_error_count.tolist()]

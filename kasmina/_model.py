@@ -13,7 +13,7 @@ from concurrent.futures import Future
 import torch
 from torch import nn
 
-from kasmina._layer import SeedLayer, host_signature, kernel_id_from_tensor
+from kasmina._layer import GRAFT_CODES, SeedLayer, host_signature, kernel_id_from_tensor
 from kasmina.errors import KasminaError
 from kasmina.lifecycle import GRAFTED_STAGES, Stage, alpha_schedule
 
@@ -50,6 +50,30 @@ def _select_targets(model: nn.Module, target) -> list[tuple[str, nn.Module]]:
     return chosen
 
 
+def _auto_bridges(model: nn.Module) -> list[tuple[SeedLayer, SeedLayer]]:
+    """(source, consumer) pairs: Linear seed layers that follow each other in an nn.Sequential
+    with only parameter-free leaf modules (activations, dropout) between them, where the
+    first one's output width is the second one's input width -- a hidden layer to widen."""
+    pairs = []
+    for parent in model.modules():
+        if not isinstance(parent, nn.Sequential):
+            continue
+        prev: SeedLayer | None = None
+        for child in parent.children():
+            if isinstance(child, SeedLayer):
+                if (
+                    prev is not None
+                    and isinstance(prev.host, nn.Linear)
+                    and isinstance(child.host, nn.Linear)
+                    and prev.host.out_features == child.host.in_features
+                ):
+                    pairs.append((prev, child))
+                prev = child
+            elif next(child.parameters(), None) is not None or next(child.children(), None):
+                prev = None
+    return pairs
+
+
 class MorphableModel(nn.Module):
     """A model whose target layers host dormant seeds; see `wrap`."""
 
@@ -65,6 +89,7 @@ class MorphableModel(nn.Module):
         blend_schedule: str = "linear",
         embargo_steps: int = 100,
         max_failures: int = 3,
+        bridges: str | Mapping[str, str] | None = "auto",
     ) -> None:
         super().__init__()
         alpha_schedule(0, 1, blend_schedule)  # fail early on an unknown schedule
@@ -85,6 +110,7 @@ class MorphableModel(nn.Module):
             for attr, child in list(parent.named_children()):
                 if id(child) in by_id and not isinstance(parent, SeedLayer):
                     setattr(parent, attr, by_id[id(child)])
+        self._set_bridges(bridges)
         self.steps = 0
         self.events: deque[dict] = deque(maxlen=10_000)
         self._pending: dict[Key, Future] = {}
@@ -93,6 +119,21 @@ class MorphableModel(nn.Module):
         self._embargo_until: dict[Key, int] = {}
         self._stage_since: dict[Key, int] = {}
         self._grad_norms: dict[str, torch.Tensor] = {}
+
+    def _set_bridges(self, bridges: str | Mapping[str, str] | None) -> None:
+        if bridges == "auto":
+            pairs = _auto_bridges(self.model)
+        elif bridges is None:
+            pairs = []
+        elif isinstance(bridges, Mapping):
+            pairs = [(self.layer(src), self.layer(dst)) for dst, src in bridges.items()]
+        else:
+            raise ValueError(
+                f"bridges must be 'auto', None or a mapping {{consumer layer: source layer}}, "
+                f"got {bridges!r}"
+            )
+        for source, consumer in pairs:
+            consumer.set_bridge_source(source)
 
     def forward(self, *args, **kwargs):
         return self.model(*args, **kwargs)
@@ -245,31 +286,35 @@ class MorphableModel(nn.Module):
 
     def _fit(self, layer: SeedLayer, idx: int, loaded) -> nn.Module:
         sig, want = loaded.signature, layer.signature
-        if (sig.get("layout"), sig.get("in"), sig.get("out")) != (
-            want["layout"],
-            want["in"],
-            want["out"],
-        ) or sig.get("graft") not in ("residual", "parallel"):
+        graft = sig.get("graft")
+        if graft not in GRAFT_CODES:
             raise ValueError(
-                f"kernel {loaded.kernel_id} ({sig.get('graft')}/{sig.get('layout')} "
+                f"kernel {loaded.kernel_id} has graft {graft!r}; grafts: {', '.join(GRAFT_CODES)}"
+            )
+        n_in, n_out = layer.graft_dims(graft)
+        if (sig.get("layout"), sig.get("in"), sig.get("out")) != (want["layout"], n_in, n_out):
+            raise ValueError(
+                f"kernel {loaded.kernel_id} ({graft}/{sig.get('layout')} "
                 f"{sig.get('in')}→{sig.get('out')}) does not fit layer {layer.layer_name!r} "
                 f"({type(layer.host).__name__}, {want['layout']} {want['in']}→{want['out']}); "
-                f"request a kernel with signature "
-                f"{{'layout': '{want['layout']}', 'in': {want['in']}, 'out': {want['out']}}}"
+                f"request a kernel with signature {{'graft': '{graft}', "
+                f"'layout': '{want['layout']}', 'in': {n_in}, 'out': {n_out}}}"
             )
         weight = next(layer.host.parameters())
         module = loaded.module.to(device=weight.device, dtype=weight.dtype)
+
+        def zeros(width: int) -> torch.Tensor:
+            if want["layout"] == "features":
+                return weight.new_zeros(2, width)
+            return weight.new_zeros(2, width, 8, 8)
+
         with torch.no_grad():
-            x = (
-                weight.new_zeros(2, want["in"])
-                if want["layout"] == "features"
-                else weight.new_zeros(2, want["in"], 8, 8)
-            )
+            x = zeros(want["in"])
             h = layer.host(x)
             was_training = module.training
             module.eval()
             try:
-                s = module(x if sig["graft"] == "parallel" else h)
+                s = module(h if graft == "residual" else x if graft == "parallel" else zeros(n_in))
             except Exception as exc:
                 raise ValueError(
                     f"kernel {loaded.kernel_id} failed its shape probe on layer "
@@ -429,6 +474,9 @@ class MorphableModel(nn.Module):
                     "name": name,
                     "type": type(layer.host).__name__,
                     **layer.signature,
+                    "bridge_from": None
+                    if layer.bridge_source is None
+                    else layer.bridge_source.layer_name,
                     "params": sum(p.numel() for p in layer.host.parameters()),
                     "activation": None
                     if act_values is None
@@ -573,7 +621,10 @@ def wrap(
 
     `client` (an `EsperClient`) lets seeds load kernels from the registry; `cache` is a
     `KernelCache` (an in-memory one by default). Other options: `telemetry_every`,
-    `blend_steps`, `blend_schedule` ('linear' | 'cosine'), `embargo_steps`, `max_failures`.
+    `blend_steps`, `blend_schedule` ('linear' | 'cosine'), `embargo_steps`, `max_failures`,
+    `bridges`: which layer's bridge seeds read which layer's input -- "auto" (default: each
+    nn.Linear seed layer fed by another through parameter-free modules of an nn.Sequential),
+    None (no bridges), or a mapping {consumer layer: source layer}.
     """
     if loader is None and client is not None:
         from kasmina.cache import KernelCache

@@ -26,6 +26,7 @@ NAME_BUCKETS = 1024
 BLUEPRINT_FEATURES = (
     "graft_residual",
     "graft_parallel",
+    "graft_bridge",
     "layout_features",
     "layout_channels",
     "log_params_estimate",
@@ -55,6 +56,7 @@ def _blueprint_tensors(bps: list[dict], buckets: int) -> tuple[Tensor, Tensor]:
         [
             float(b["graft"] == "residual"),
             float(b["graft"] == "parallel"),
+            float(b["graft"] == "bridge"),
             float(b["layout"] == "features"),
             float(b["layout"] == "channels"),
             0.0 if b["params_estimate"] is None else math.log1p(b["params_estimate"]) / 10.0,

@@ -4,15 +4,16 @@ A graph document (schema ``esper.graph/1``) is ``MorphableModel.health()`` plus 
 globals::
 
     {"schema": "esper.graph/1", "step": 120,
-     "layers": [{"name", "type", "layout", "in", "out", "params",
+     "layers": [{"name", "type", "layout", "in", "out", "bridge_from"?, "params",
                  "activation": {"mean", "std", "dead_fraction"} | null,
                  "grad_norm": float | null,
                  "seeds": [{"index", "stage", "alpha", "kernel_id", "graft", "latency_us",
                             "health", "errors", "steps_in_stage", "params"}, ...]}, ...],
      "globals": {"progress", "loss", "loss_trend", "val_metric", "val_trend", "budget_used"}}
 
-`validate_graph` is strict: every field listed above must be present and no other; numbers
-must be finite. ``progress`` and ``budget_used`` are required numbers; ``loss``,
+`validate_graph` is strict: every field listed above must be present (``bridge_from``, the
+name of the layer whose input this layer's bridge seeds read, may be left out or null) and
+no other; numbers must be finite. ``progress`` and ``budget_used`` are required numbers; ``loss``,
 ``loss_trend``, ``val_metric`` and ``val_trend`` may be null (no window yet) and get a
 "missing" indicator feature.
 
@@ -54,7 +55,7 @@ __all__ = [
 GRAPH_SCHEMA = "esper.graph/1"
 #: Bump whenever `NODE_FEATURES`, `GLOBAL_FEATURES` or their scaling change: checkpoints
 #: trained on another version are refused.
-FEATURE_VERSION = 1
+FEATURE_VERSION = 2
 MAX_LAYERS = 512
 MAX_SEEDS = 16
 
@@ -75,7 +76,7 @@ IN_FLIGHT_STAGES = frozenset(
     {"GERMINATED", "LOADING", "TRAINING", "BLENDING", "PROBATION", "ERROR_RECOVERY"}
 )
 LAYOUTS = ("features", "channels")
-GRAFTS = ("residual", "parallel")
+GRAFTS = ("residual", "parallel", "bridge")
 HOST_TYPES = ("Linear", "Conv2d")
 EDGE_FEATURES = ("forward", "backward", "same_layer")
 
@@ -94,6 +95,8 @@ NODE_FEATURES: tuple[str, ...] = (
     "act_missing",  # 1 when the layer has no activation sample yet
     "log_grad_norm",  # log1p(host gradient norm); 0 when missing
     "grad_missing",
+    "bridge_site",  # 1 when the layer can host bridge seeds (it has a bridge source)
+    "log_bridge_in",  # log1p(the bridge source's input width); 0 when none
     *(f"stage_{name.lower()}" for name in STAGES),  # seed stage one-hot (10)
     "alpha",  # seed blend factor 0..1
     "log_steps_in_stage",  # log1p(steps since the seed's last stage change)
@@ -128,6 +131,7 @@ _LAYER_FIELDS = (
     "grad_norm",
     "seeds",
 )
+_OPTIONAL_LAYER_FIELDS = ("bridge_from",)
 _ACT_FIELDS = ("mean", "std", "dead_fraction")
 _SEED_FIELDS = (
     "index",
@@ -154,7 +158,9 @@ class GraphError(ValueError):
         super().__init__(f"{field}: {message}")
 
 
-def _fields(obj: object, path: str, names: tuple[str, ...]) -> Mapping[str, Any]:
+def _fields(
+    obj: object, path: str, names: tuple[str, ...], optional: tuple[str, ...] = ()
+) -> Mapping[str, Any]:
     if not isinstance(obj, Mapping):
         raise GraphError(path or "<document>", f"expected an object, got {type(obj).__name__}")
     prefix = f"{path}." if path else ""
@@ -162,8 +168,9 @@ def _fields(obj: object, path: str, names: tuple[str, ...]) -> Mapping[str, Any]
         if name not in obj:
             raise GraphError(f"{prefix}{name}", "missing field")
     for key in obj:
-        if key not in names:
-            raise GraphError(f"{prefix}{key}", f"unknown field; allowed: {', '.join(names)}")
+        if key not in names and key not in optional:
+            allowed = ", ".join((*names, *optional))
+            raise GraphError(f"{prefix}{key}", f"unknown field; allowed: {allowed}")
     return obj
 
 
@@ -224,7 +231,8 @@ def _seed(obj: object, path: str, position: int) -> dict:
 
 
 def _layer(obj: object, path: str) -> dict:
-    layer = _fields(obj, path, _LAYER_FIELDS)
+    layer = _fields(obj, path, _LAYER_FIELDS, _OPTIONAL_LAYER_FIELDS)
+    bridge_from = layer.get("bridge_from")
     activation = layer["activation"]
     if activation is not None:
         a = _fields(activation, f"{path}.activation", _ACT_FIELDS)
@@ -245,6 +253,7 @@ def _layer(obj: object, path: str) -> dict:
         "layout": _choice(layer["layout"], f"{path}.layout", LAYOUTS),
         "in": _integer(layer["in"], f"{path}.in", lo=1),
         "out": _integer(layer["out"], f"{path}.out", lo=1),
+        "bridge_from": None if bridge_from is None else _text(bridge_from, f"{path}.bridge_from"),
         "params": _integer(layer["params"], f"{path}.params"),
         "activation": activation,
         "grad_norm": None if grad is None else _number(grad, f"{path}.grad_norm", lo=0.0),
@@ -266,6 +275,19 @@ def validate_graph(doc: object) -> dict:
         if layer["name"] in seen:
             raise GraphError(f"layers[{i}].name", f"duplicate layer name {layer['name']!r}")
         seen.add(layer["name"])
+    by_name = {layer["name"]: layer for layer in out_layers}
+    for i, layer in enumerate(out_layers):
+        source = layer["bridge_from"]
+        if source is None:
+            continue
+        if source not in by_name or source == layer["name"]:
+            raise GraphError(
+                f"layers[{i}].bridge_from", f"expected the name of another layer, got {source!r}"
+            )
+        if layer["layout"] != "features" or by_name[source]["layout"] != "features":
+            raise GraphError(
+                f"layers[{i}].bridge_from", "a bridge joins two layers of the features layout"
+            )
     g = _fields(d["globals"], "globals", _GLOBAL_FIELDS)
     out_globals: dict[str, float | None] = {}
     for name in _GLOBAL_FIELDS:
@@ -290,7 +312,7 @@ def _symlog(value: float) -> float:
     return math.copysign(math.log1p(abs(value)), value)
 
 
-def _node_row(layer: dict, seed: dict, depth: float) -> list[float]:
+def _node_row(layer: dict, seed: dict, depth: float, bridge_in: int) -> list[float]:
     act, grad = layer["activation"], layer["grad_norm"]
     return [
         float(layer["type"] == "Linear"),
@@ -307,6 +329,8 @@ def _node_row(layer: dict, seed: dict, depth: float) -> list[float]:
         float(act is None),
         0.0 if grad is None else math.log1p(grad),
         float(grad is None),
+        float(bridge_in > 0),
+        math.log1p(bridge_in),
         *(float(seed["stage"] == name) for name in STAGES),
         seed["alpha"],
         math.log1p(seed["steps_in_stage"]),
@@ -337,11 +361,14 @@ def _global_row(doc: dict) -> list[float]:
 def to_data(doc: dict) -> Data:
     """The graph of seed sites: ``x`` [N, len(NODE_FEATURES)], ``edge_index``, ``edge_attr``,
     ``u`` [1, len(GLOBAL_FEATURES)], and per node ``node_layer`` (names), ``node_seed``,
-    ``node_dims`` (in, out, layout index), ``node_stage`` (index into `STAGES`),
-    ``node_layer_pos`` (layer position) and ``node_busy`` (its layer has a seed in
+    ``node_dims`` (in, out, layout index, bridge source's input width or 0), ``node_stage``
+    (index into `STAGES`), ``node_layer_pos`` (layer position), ``node_bridge_pos`` (the
+    bridge source's layer position, -1 for none) and ``node_busy`` (its layer has a seed in
     `IN_FLIGHT_STAGES`) for action masks."""
     doc = validate_graph(doc)
     layers = doc["layers"]
+    position = {layer["name"]: pos for pos, layer in enumerate(layers)}
+    node_bridge_pos: list[int] = []
     rows: list[list[float]] = []
     node_layer: list[str] = []
     node_seed: list[int] = []
@@ -354,12 +381,15 @@ def to_data(doc: dict) -> Data:
         depth = pos / (len(layers) - 1) if len(layers) > 1 else 0.0
         ids = []
         busy = any(seed["stage"] in IN_FLIGHT_STAGES for seed in layer["seeds"])
+        source = layer["bridge_from"]
+        bridge_in = 0 if source is None else layers[position[source]]["in"]
         for seed in layer["seeds"]:
             ids.append(len(rows))
-            rows.append(_node_row(layer, seed, depth))
+            rows.append(_node_row(layer, seed, depth, bridge_in))
             node_layer.append(layer["name"])
             node_seed.append(seed["index"])
-            node_dims.append([layer["in"], layer["out"], LAYOUTS.index(layer["layout"])])
+            node_dims.append([layer["in"], layer["out"], LAYOUTS.index(layer["layout"]), bridge_in])
+            node_bridge_pos.append(-1 if source is None else position[source])
             node_stage.append(STAGES.index(seed["stage"]))
             node_layer_pos.append(pos)
             node_busy.append(busy)
@@ -390,6 +420,7 @@ def to_data(doc: dict) -> Data:
         node_dims=torch.tensor(node_dims, dtype=torch.long),
         node_stage=torch.tensor(node_stage, dtype=torch.long),
         node_layer_pos=torch.tensor(node_layer_pos, dtype=torch.long),
+        node_bridge_pos=torch.tensor(node_bridge_pos, dtype=torch.long),
         node_busy=torch.tensor(node_busy, dtype=torch.bool),
         num_nodes=len(rows),
     )

@@ -1,7 +1,7 @@
 """Tamiyo's policies: where to grow, and with which blueprint.
 
 Action space, for a graph with N seed sites and a catalogue of K blueprint descriptors
-(``{"id", "name", "graft": "residual"|"parallel", "layout": "features"|"channels",
+(``{"id", "name", "graft": "residual"|"parallel"|"bridge", "layout": "features"|"channels",
 "params_estimate"?: int}``): ``WAIT`` or ``GERMINATE(node n, blueprint k)``, flattened as
 index 0 = wait and ``1 + n·K + k``. Every policy exposes the full distribution over that
 space (`ActionDistribution`, illegal actions at ``-inf``) so the log-probability of any action
@@ -10,8 +10,9 @@ is exact, which off-policy training and evaluation need.
 Masks (`action_mask`): a seed site is growable only if its seed is DORMANT and, with
 ``one_per_layer`` (default), no seed of its layer is in flight (`IN_FLIGHT_STAGES`:
 GERMINATED..PROBATION and ERROR_RECOVERY); a blueprint fits a site only if its layout is the
-layer's layout, and ``parallel`` grafts only fit ``features`` layers (the runtime hosts the
-features layout on nn.Linear only). WAIT is always legal. The server may add ``fits``, a bool
+layer's layout, ``parallel`` grafts only fit ``features`` layers (the runtime hosts the
+features layout on nn.Linear only), and ``bridge`` grafts only fit layers with a bridge
+source (``bridge_from`` in the graph). WAIT is always legal. The server may add ``fits``, a bool
 [N, K] tensor of the (site, blueprint) pairs it can compile (a blueprint too large at a layer's
 width, say), which every mask, distribution and decision ANDs in; a policy cannot know that
 itself, and a log-probability is only exact relative to what the behaviour policy could choose.
@@ -121,21 +122,28 @@ def action_mask(
     if one_per_layer:
         growable = growable & ~data.node_busy
     layout = data.node_dims[:, 2]
-    bp_layout, parallel = _catalogue_codes(blueprints)
+    bridge_site = data.node_dims[:, 3] > 0
+    bp_layout, parallel, bridge = _catalogue_codes(blueprints)
     layout_ok = (layout[:, None] == bp_layout[None, :]) & ~(
         parallel[None, :] & (layout != _FEATURES)[:, None]
     )
-    mask = growable[:, None] & layout_ok
+    mask = growable[:, None] & layout_ok & ~(bridge[None, :] & ~bridge_site[:, None])
     if fits is not None:
         _check_fits(fits, data.num_nodes, len(blueprints))
         mask = mask & fits
     return mask
 
 
-def _catalogue_codes(blueprints: Sequence[dict]) -> tuple[Tensor, Tensor]:
+def _catalogue_codes(blueprints: Sequence[dict]) -> tuple[Tensor, Tensor, Tensor]:
+    """Per blueprint: layout index, reads the input of a Linear (parallel or bridge), bridge."""
     layouts = [LAYOUTS.index(b["layout"]) for b in blueprints]
-    parallel = [b["graft"] == "parallel" for b in blueprints]
-    return torch.tensor(layouts, dtype=torch.long), torch.tensor(parallel, dtype=torch.bool)
+    parallel = [b["graft"] in ("parallel", "bridge") for b in blueprints]
+    bridge = [b["graft"] == "bridge" for b in blueprints]
+    return (
+        torch.tensor(layouts, dtype=torch.long),
+        torch.tensor(parallel, dtype=torch.bool),
+        torch.tensor(bridge, dtype=torch.bool),
+    )
 
 
 @dataclass(frozen=True)
@@ -301,10 +309,14 @@ class HeuristicPolicy(_Decides):
     Pressure of a layer = grad_norm / mean grad_norm over layers (1 when unknown) +
     ``dead_weight`` · dead fraction. GERMINATE is on the table only when
     ``|loss_trend| <= plateau_tol``, budget_used < 1, and the layer's gradient ratio is at
-    least ``grad_ratio`` or its dead fraction at least ``dead_threshold``. Scores: WAIT 0.5;
-    GERMINATE(n, k) = pressure(n) − 0.25 · rank of k among n's legal blueprints by
-    ``params_estimate`` (largest first, unknown last). Greedy picks the top score (the
-    rule: highest pressure, the largest blueprint that fits -- with a ``param_budget`` the
+    least ``grad_ratio`` or its dead fraction at least ``dead_threshold``. A bridge blueprint
+    widens the hidden layer between its site and the site's bridge source, so it is on the
+    table when either layer qualifies, at the higher of the two pressures. Scores: WAIT 0.5;
+    GERMINATE(n, k) = pressure − 0.25 · rank of k among n's legal blueprints, bridges first
+    (new hidden units are the one thing a residual or parallel seed of a narrow layer cannot
+    add) and 0.25 higher (so at equal pressure a bridge also outranks its source layer's own
+    seeds), then by ``params_estimate`` (largest first, unknown last). Greedy picks the top
+    score (the rule: highest pressure, the largest blueprint that fits -- with a ``param_budget`` the
     server's ``fits`` mask holds only kernels within what is left of it, so the rule spends
     the budget where the pressure is; the Controller's default budget is the model's own
     size, and a run without one may get any kernel the compiler accepts); sampling draws from
@@ -351,11 +363,22 @@ class HeuristicPolicy(_Decides):
         dead = x[:, f("act_dead_fraction")]
         pressure = ratio + self.dead_weight * dead
         candidate = (ratio >= self.grad_ratio) | (dead >= self.dead_threshold)
+        # A bridge site also answers for its source layer (any one of that layer's seed nodes).
+        src_pos = data.node_bridge_pos
+        first_node = {int(p): n for n, p in reversed(list(enumerate(data.node_layer_pos)))}
+        src = [first_node.get(int(p), n) for n, p in enumerate(src_pos)]
+        pair_pressure = torch.maximum(pressure, pressure[src])
+        pair_candidate = candidate | candidate[src]
         size = [-math.inf if b["params_estimate"] is None else b["params_estimate"] for b in bps]
-        for n in torch.nonzero(candidate & mask.any(1)).flatten().tolist():
+        bridge = [b["graft"] == "bridge" for b in bps]
+        for n in torch.nonzero(pair_candidate & mask.any(1)).flatten().tolist():
             legal = torch.nonzero(mask[n]).flatten().tolist()
-            for rank, k in enumerate(sorted(legal, key=lambda k: (-size[k], k))):
-                scores[n, k] = pressure[n] - 0.25 * rank
+            ranked = sorted(legal, key=lambda k: (not bridge[k], -size[k], k))
+            for rank, k in enumerate(ranked):
+                if bridge[k]:
+                    scores[n, k] = pair_pressure[n] + 0.25 - 0.25 * rank
+                elif candidate[n]:
+                    scores[n, k] = pressure[n] - 0.25 * rank
         return scores
 
     def distribution(

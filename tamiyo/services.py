@@ -90,6 +90,17 @@ def budget_left(*, doc: dict, run: TrainingRun) -> float:
     return budget * max(0.0, 1.0 - float(doc["globals"]["budget_used"]))
 
 
+def site_dims(doc: dict, layer: dict, graft: str) -> tuple[int, int] | None:
+    """(in, out) widths a `graft` seed of `layer` reads and writes; None where it cannot live
+    (a bridge seed reads the input of the layer's bridge source, if it has one)."""
+    if graft != "bridge":
+        return layer["in"], layer["out"]
+    source = layer.get("bridge_from")
+    if source is None:
+        return None
+    return next(la["in"] for la in doc["layers"] if la["name"] == source), layer["out"]
+
+
 def feasibility(
     *, doc: dict, blueprints: list[Blueprint], dtype: str, budget: float = math.inf
 ) -> tuple[list[list[bool]], list[int | None]]:
@@ -102,8 +113,11 @@ def feasibility(
     for layer in doc["layers"]:
         row = []
         for k, b in enumerate(blueprints):
-            params = _site_params(
-                b.ir_sha256, b.ir["graft"], layer["layout"], layer["in"], layer["out"], dtype
+            dims = site_dims(doc, layer, b.ir["graft"])
+            params = (
+                None
+                if dims is None
+                else _site_params(b.ir_sha256, b.ir["graft"], layer["layout"], *dims, dtype)
             )
             if params is not None:
                 sizes[k].append(params)
@@ -133,7 +147,12 @@ def policy_load(*, version: PolicyVersion) -> GNNPolicy:
             code="checkpoint_corrupt",
             status=409,
         )
-    policy = GNNPolicy.load_safetensors(data, version.config)
+    try:
+        policy = GNNPolicy.load_safetensors(data, version.config)
+    except ValueError as exc:
+        raise ApplicationError(
+            f"policy v{version.version} cannot be loaded: {exc}", code="policy_unusable", status=409
+        ) from exc
     policy.eval()
     with _policy_lock:
         _policy_cache[version.version] = (digest, policy)
@@ -207,11 +226,12 @@ def decision_make(
             if decision.action == "germinate":
                 blueprint = blueprints[decision.blueprint_index]
                 layer = next(la for la in doc["layers"] if la["name"] == decision.layer)
+                n_in, n_out = site_dims(doc, layer, blueprint.ir["graft"])
                 signature = {
                     "graft": blueprint.ir["graft"],
                     "layout": layer["layout"],
-                    "in": layer["in"],
-                    "out": layer["out"],
+                    "in": n_in,
+                    "out": n_out,
                     "dtype": dtype,
                 }
                 kernel, _ = urza_services.kernel_request(blueprint=blueprint, signature=signature)

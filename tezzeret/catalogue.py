@@ -39,6 +39,24 @@ def _parallel_mlp(name: str, hidden: str, description: str, size: str) -> dict:
     return _entry(name, description, tags, _ir(name, "parallel", "features", layers))
 
 
+def _bridge(units: int) -> dict:
+    """`units` new hidden ReLU units between a Linear layer and the next: IN -> units -> OUT."""
+    name = f"bridge-mlp-{units}"
+    layers = [
+        {"op": "linear", "out": "units", "bias": False},
+        {"op": "relu"},
+        {"op": "linear", "out": "OUT", "init": "zeros", "bias": False},
+    ]
+    description = (
+        f"Widens the hidden layer between two Linear layers by {units} ReLU units: reads the "
+        "first layer's input, adds to the second's output; no biases; starts at zero."
+    )
+    size = "small" if units <= 8 else "wide"
+    tags = ["bridge", "features", "mlp", "widening", size]
+    ir = _ir(name, "bridge", "features", layers, {"units": units})
+    return _entry(name, description, tags, ir)
+
+
 _ZERO_LINEAR_D = {"op": "linear", "out": "D", "init": "zeros"}
 _ZERO_CONV_D = {"op": "conv1x1", "out": "D", "init": "zeros"}
 
@@ -93,6 +111,9 @@ CATALOGUE: list[dict] = [
         "MLP beside a Linear host with hidden width OUT: a narrow widening; starts at zero.",
         "small",
     ),
+    _bridge(4),
+    _bridge(8),
+    _bridge(16),
     _entry(
         "conv1x1-bottleneck",
         "1x1-conv bottleneck (C -> ceil(C/4) -> C) on a conv layer's output; starts at zero.",

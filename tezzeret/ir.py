@@ -4,9 +4,11 @@ The IR is data, never code. Dimension expressions are parsed with :mod:`ast` and
 against a whitelist of node types; nothing is ever evaluated by Python itself.
 
 Symbols: ``D`` is the width the seed reads (``OUT`` for a residual graft, which reads the
-host's output; ``IN`` for a parallel graft, which reads the host's input), ``IN`` and
-``OUT`` are the host's input and output widths. A residual seed must output ``D`` and
-start as the zero function; a parallel seed must output ``OUT``.
+host's output; ``IN`` for a parallel graft, which reads the host's input, and for a bridge
+graft, which reads the input of the layer feeding the host), ``IN`` and ``OUT`` are the
+widths the seed reads and writes (the host's input and output; a bridge's ``IN`` is its
+source layer's input). A residual seed must output ``D`` and start as the zero function;
+parallel and bridge seeds must output ``OUT``; a bridge's layout is ``features``.
 """
 
 from __future__ import annotations
@@ -44,7 +46,7 @@ __all__ = [
 ]
 
 SCHEMA_ID = "esper.blueprint/1"
-GRAFTS = frozenset({"residual", "parallel"})
+GRAFTS = frozenset({"residual", "parallel", "bridge"})
 LAYOUTS = frozenset({"features", "channels"})
 DTYPES = frozenset({"float32", "float64", "bfloat16", "float16"})
 MAX_DEPTH = 4
@@ -274,6 +276,12 @@ def validate_ir(data: object) -> dict:
     if not _is_one_of(data["layout"], LAYOUTS):
         raise IRError(
             "layout", f"must be one of {', '.join(sorted(LAYOUTS))}, got {data['layout']!r}"
+        )
+    if data["graft"] == "bridge" and data["layout"] != "features":
+        raise IRError(
+            "layout",
+            "a bridge graft reads the input of a Linear layer and writes a Linear layer's "
+            "output: its layout must be 'features'",
         )
     params, names = _validate_params(data.get("params", {}))
     layers = _validate_layers(data["layers"], "layers", 1, names, data["layout"], [0])

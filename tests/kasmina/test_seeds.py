@@ -107,6 +107,39 @@ def test_parallel_graft_adds_alpha_times_seed_of_the_input(registry, compiled):
     torch.testing.assert_close(layer(x), layer.host(x) + 0.5 * layer.seeds["0"](x))
 
 
+def test_a_bridge_seed_widens_the_hidden_layer_between_two_linears(registry, compiled, token):
+    kernel_id = compiled("bridge-mlp-4", "bridge", "features", 16, 8)  # "0".in -> "2".out
+    mlp = _mlp()
+    model = wrap(mlp, client=registry)
+    first, second = model.layer("0"), model.layer("2")
+    assert second.bridge_source is first
+    with pytest.raises(ValueError, match="has no bridge source"):
+        model.load_kernel("0", 0, kernel_id)  # the first layer has nothing feeding it
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+    assert model.load_kernel("2", 0, kernel_id, optimizer=optimizer) is Stage.TRAINING
+    x = torch.randn(12, 16)
+    assert torch.equal(model(x), mlp(x))  # TRAINING: the output is still the host's
+    seed = second.seeds["0"]
+    before = [p.detach().clone() for p in seed.parameters()]
+    _train_steps(model, optimizer, n=3, x=x)
+    assert any(not torch.equal(a, b) for a, b in zip(before, seed.parameters(), strict=True))
+    model.advance("2", 0, Stage.BLENDING)
+    model.set_alpha("2", 0, 0.5)
+    hidden = torch.relu(first.host(x))
+    torch.testing.assert_close(model(x), second.host(hidden) + 0.5 * seed(x))
+    assert first._tapped is None  # the stashed input is dropped once read
+    # A checkpoint restores the bridge in a fresh wrap of the same model.
+    restored = wrap(_mlp(), client=EsperClient(registry.base_url, token.key))
+    restored.load_state_dict(model.state_dict())
+    assert restored.layer("2").grafts[0] == "bridge"
+    assert torch.equal(restored(x), model(x))
+    # Culled: the first layer stops keeping its input and the output is the host's again.
+    model.advance("2", 0, Stage.PROBATION)
+    model.advance("2", 0, Stage.CULLED)
+    assert first._taps == 0 and not first._active
+    torch.testing.assert_close(model(x), second.host(hidden))
+
+
 def test_conv_layers_take_channel_kernels(registry, compiled):
     kernel_id = compiled("conv1x1-bottleneck", "residual", "channels", 8, 8)
     cnn = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1))

@@ -168,3 +168,40 @@ def test_kasmina_imports_no_django_and_none_of_the_server_apps():
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_bridges_join_linear_layers_that_feed_each_other_in_a_sequential():
+    mlp = nn.Sequential(
+        nn.Linear(10, 8),
+        nn.ReLU(),
+        nn.Dropout(0.1),
+        nn.Linear(8, 6),
+        nn.LayerNorm(6),
+        nn.Linear(6, 3),
+    )
+    model = wrap(mlp)
+    sources = {name: layer.bridge_source for name, layer in model.seed_layers.items()}
+    # fc "3" is fed by "0" through parameter-free modules; a LayerNorm (parameters) breaks the chain.
+    assert sources["0"] is None and sources["5"] is None
+    assert sources["3"] is model.layer("0")
+    assert model.layer("3").graft_dims("bridge") == (10, 6)
+    assert [layer["bridge_from"] for layer in model.health()["layers"]] == [None, "0", None]
+
+
+def test_bridges_can_be_named_or_switched_off_and_bad_ones_are_value_errors():
+    mlp = nn.Sequential(nn.Linear(10, 8), nn.ReLU(), nn.Linear(8, 6), nn.ReLU(), nn.Linear(6, 3))
+    assert all(
+        layer.bridge_source is None for layer in wrap(mlp, bridges=None).seed_layers.values()
+    )
+    named = wrap(mlp, bridges={"4": "0"})
+    assert named.layer("4").bridge_source is named.layer("0")
+    assert named.layer("2").bridge_source is None
+    with pytest.raises(ValueError, match="no bridge source"):
+        named.layer("2").graft_dims("bridge")
+    with pytest.raises(ValueError, match="no seed layer 'fc9'"):
+        wrap(mlp, bridges={"4": "fc9"})
+    with pytest.raises(ValueError, match="bridges must be 'auto', None or a mapping"):
+        wrap(mlp, bridges="all")
+    for model, bridges in ((mlp, {"2": "2"}), (_cnn(), {"5": "0"})):  # itself; a Conv2d
+        with pytest.raises(ValueError, match="a bridge joins two different nn.Linear layers"):
+            wrap(model, bridges=bridges)

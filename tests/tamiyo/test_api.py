@@ -28,6 +28,13 @@ def _error(response):
     return body["error"]
 
 
+def _reads(doc: dict, layer: dict, graft: str) -> int:
+    """The width a seed of `layer` reads: a bridge reads the input of the layer feeding it."""
+    if graft != "bridge":
+        return layer["in"]
+    return next(la["in"] for la in doc["layers"] if la["name"] == layer["bridge_from"])
+
+
 def _decide(api_client, run, doc, **extra):
     return api_client.post(
         f"/api/v1/runs/{run['id']}/decisions/", {"graph": doc, **extra}, format="json"
@@ -51,6 +58,25 @@ def test_a_decision_is_recorded_with_state_action_and_behaviour_logprob(
         assert str(experience.kernel_id) == body["kernel"]
     else:
         assert body["kernel"] is None and body["layer"] is None
+
+
+def test_a_bridge_decision_requests_a_kernel_reading_the_source_layers_input(
+    api_client, run, health, catalogue
+):
+    from urza.models import Kernel
+
+    doc = graph_doc(health)  # at a plateau; layers "2", "4", "6" are fed by "0", "2", "4"
+    assert [la["bridge_from"] for la in doc["layers"]] == [None, "0", "2", "4"]
+    for _ in range(20):  # the heuristic samples (temperature 0.25); bridges score highest
+        body = _decide(api_client, run, doc, policy="heuristic").json()
+        kernel = Kernel.objects.get(pk=body["kernel"]) if body["kernel"] else None
+        if kernel is not None and kernel.signature["graft"] == "bridge":
+            break
+    else:
+        pytest.fail("the heuristic never chose a bridge at a plateau")
+    layer = next(la for la in doc["layers"] if la["name"] == body["layer"])
+    source = next(la for la in doc["layers"] if la["name"] == layer["bridge_from"])
+    assert (kernel.signature["in"], kernel.signature["out"]) == (source["in"], layer["out"])
 
 
 def test_cold_start_decisions_use_the_heuristic_policy(api_client, run, health, catalogue):
@@ -91,13 +117,15 @@ def test_descriptors_carry_each_blueprints_mean_kernel_size_over_the_layers(
                 signature={
                     "graft": descriptor["graft"],
                     "layout": "features",
-                    "in": layer["in"],
+                    "in": _reads(doc, layer, descriptor["graft"]),
                     "out": layer["out"],
                     "dtype": "float32",
                 },
             )
             for layer in doc["layers"]
+            if descriptor["graft"] != "bridge" or layer["bridge_from"] is not None
         ]
+        assert sizes, descriptor
         assert descriptor["params_estimate"] == round(sum(sizes) / len(sizes))
 
 
@@ -125,17 +153,18 @@ def test_germinate_decisions_stay_within_the_runs_remaining_parameter_budget(
             by_id = {str(b.pk): b for b in blueprints}
             for (layer, _seed), row in zip(sites, experience.fits, strict=True):
                 for descriptor, fits in zip(experience.blueprints, row, strict=True):
+                    if not fits:
+                        continue  # every pair offered to the policy fits in what is left
                     signature = {
                         "graft": descriptor["graft"],
                         "layout": layer["layout"],
-                        "in": layer["in"],
+                        "in": _reads(doc, layer, descriptor["graft"]),
                         "out": layer["out"],
                         "dtype": "float32",
                     }
-                    if fits:  # every pair offered to the policy fits in what is left
-                        ir = by_id[descriptor["id"]].ir
-                        params = urza_services.kernel_param_count(ir=ir, signature=signature)
-                        assert params <= left
+                    ir = by_id[descriptor["id"]].ir
+                    params = urza_services.kernel_param_count(ir=ir, signature=signature)
+                    assert params <= left
             if body["action"] == "germinate":
                 germinated += 1
                 kernel = Kernel.objects.get(pk=body["kernel"])

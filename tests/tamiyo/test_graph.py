@@ -119,7 +119,8 @@ def test_three_layers_of_two_seeds_make_six_nodes_and_22_edges():
     assert torch.equal(layer_pos[same[0]], layer_pos[same[1]])
     assert data.node_layer == ["0", "0", "1", "1", "2", "2"]
     assert data.node_seed.tolist() == [0, 1, 0, 1, 0, 1]
-    assert data.node_dims.tolist() == [[16, 32, 0]] * 4 + [[16, 32, 1]] * 2
+    assert data.node_dims.tolist() == [[16, 32, 0, 0]] * 4 + [[16, 32, 1, 0]] * 2
+    assert data.node_bridge_pos.tolist() == [-1] * 6
 
 
 def test_node_and_global_features_are_pinned():

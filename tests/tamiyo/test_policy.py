@@ -320,3 +320,57 @@ def test_the_gnn_module_can_be_imported_before_tamiyo_policy():
     code = "import tamiyo._gnn as g, tamiyo.policy as p; assert g.GNNPolicy is p.POLICIES['gnn']"
     root = Path(__file__).resolve().parents[2]
     subprocess.run([sys.executable, "-c", code], cwd=root, check=True, timeout=120)
+
+
+BRIDGED = [
+    *CATALOGUE,
+    {
+        "id": "f",
+        "name": "bridge-mlp-8",
+        "graft": "bridge",
+        "layout": "features",
+        "params_estimate": 256,
+    },
+]
+
+
+def _bridged_doc(**globals_over) -> dict:
+    """Linear "0" feeds Linear "1" (a bridge site, reading "0"'s input); Conv2d "2"."""
+    layers = [
+        make_layer("0", grad_norm=3.0),
+        make_layer("1", bridge_from="0"),
+        make_layer("2", "Conv2d"),
+    ]
+    return make_doc(layers, **globals_over)
+
+
+def test_bridge_blueprints_fit_only_layers_with_a_bridge_source():
+    data = to_data(_bridged_doc())
+    assert data.node_dims[:, 3].tolist() == [0, 0, 16, 16, 0, 0]  # "0" reads 16 features
+    assert data.node_bridge_pos.tolist() == [-1, -1, 0, 0, -1, -1]
+    mask = action_mask(data, BRIDGED)
+    assert mask[:, 5].tolist() == [False, False, True, True, False, False]
+    assert mask[:, :5].equal(action_mask(data, CATALOGUE))  # the rest is unchanged
+
+
+def test_heuristic_widens_the_hidden_layer_of_a_high_pressure_layer_with_a_bridge():
+    rng = torch.Generator().manual_seed(0)
+    plateau = to_data(_bridged_doc(loss_trend=0.001))
+    # Layer "0" has the gradient pressure; the bridge at "1" widens "0"'s output.
+    d = HeuristicPolicy(temperature=0.0).decide(plateau, BRIDGED, rng=rng)
+    assert (d.action, d.layer, d.seed, d.blueprint_index) == ("germinate", "1", 0, 5)
+    # Without a bridge in the catalogue it grows "0" itself, with the largest that fits.
+    d = HeuristicPolicy(temperature=0.0).decide(plateau, CATALOGUE, rng=rng)
+    assert (d.action, d.layer, d.blueprint_index) == ("germinate", "0", 0)
+
+
+def test_a_bridge_from_a_missing_layer_is_refused_naming_the_field():
+    from tamiyo.graph import GraphError, validate_graph
+
+    doc = _bridged_doc()
+    doc["layers"][1]["bridge_from"] = "nope"
+    with pytest.raises(GraphError, match=r"layers\[1\]\.bridge_from"):
+        validate_graph(doc)
+    doc["layers"][1]["bridge_from"] = "2"  # a Conv2d layer
+    with pytest.raises(GraphError, match="features layout"):
+        validate_graph(doc)

@@ -407,3 +407,18 @@ def test_validate_ir_does_not_mutate_its_input():
     validate_ir(data)
     resolve(data, sig())
     assert data == before
+
+
+def test_a_bridge_reads_in_and_writes_out_and_must_be_a_features_graft():
+    ir = validate_ir(catalogue_entry("bridge-mlp-8")["ir"])
+    sig = parse_signature(_bridge_sig())
+    resolved = resolve(ir, sig)
+    assert param_count(ir, sig) == 64 * 8 + 8 * 10  # IN -> 8 -> OUT, no biases
+    assert [layer["out"] for layer in resolved["layers"] if "out" in layer] == [8, 10]
+    with pytest.raises(IRError, match="layout.*'features'") as info:
+        validate_ir({**ir, "layout": "channels"})
+    assert info.value.field == "layout"
+
+
+def _bridge_sig() -> dict:
+    return {"graft": "bridge", "layout": "features", "in": 64, "out": 10, "dtype": "float32"}
