@@ -308,18 +308,21 @@ class HeuristicPolicy(_Decides):
 
     Pressure of a layer = grad_norm / mean grad_norm over layers (1 when unknown) +
     ``dead_weight`` · dead fraction. GERMINATE is on the table only when
-    ``|loss_trend| <= plateau_tol``, budget_used < 1, and the layer's gradient ratio is at
-    least ``grad_ratio`` or its dead fraction at least ``dead_threshold``. A bridge blueprint
+    ``|loss_trend| <= plateau_tol`` (the loss EMA moved by at most 2 % over the last
+    decision interval), budget_used < 1, and the layer's gradient ratio is at least
+    ``grad_ratio`` or its dead fraction at least ``dead_threshold``. A bridge blueprint
     widens the hidden layer between its site and the site's bridge source, so it is on the
-    table when either layer qualifies, at the higher of the two pressures. Scores: WAIT 0.5;
-    GERMINATE(n, k) = pressure − 0.25 · rank of k among n's legal blueprints, bridges first
-    (new hidden units are the one thing a residual or parallel seed of a narrow layer cannot
-    add) and 0.25 higher (so at equal pressure a bridge also outranks its source layer's own
-    seeds), then by ``params_estimate`` (largest first, unknown last). Greedy picks the top
-    score (the rule: highest pressure, the largest blueprint that fits -- with a ``param_budget`` the
-    server's ``fits`` mask holds only kernels within what is left of it, so the rule spends
-    the budget where the pressure is; the Controller's default budget is the model's own
-    size, and a run without one may get any kernel the compiler accepts); sampling draws from
+    table when either layer qualifies, at the higher of the two pressures.
+
+    Scores: WAIT 0.5; GERMINATE(n, k) = pressure − ``rank_step`` · rank of k among n's legal
+    blueprints, bridges first and ``rank_step`` higher (new hidden units are the one thing a
+    residual or parallel seed of a narrow layer cannot add, so at equal pressure a bridge
+    also outranks its source layer's own seeds), then by ``params_estimate`` (largest
+    first, unknown last). Greedy picks the top score (the rule: highest pressure, the
+    largest blueprint that fits -- with a ``param_budget`` the server's ``fits`` mask holds
+    only kernels within what is left of it, so the rule spends the budget where the
+    pressure is; the Controller's default budget is the model's own size, and a run without
+    one may get any kernel the compiler accepts); sampling draws from
     softmax(score / temperature), which keeps logprob exact; temperature 0 makes the policy
     deterministic (the chosen action has logprob 0).
     """
@@ -330,7 +333,8 @@ class HeuristicPolicy(_Decides):
         self,
         *,
         temperature: float = 0.25,
-        plateau_tol: float = 0.01,
+        rank_step: float = 0.5,
+        plateau_tol: float = 0.02,
         grad_ratio: float = 1.0,
         dead_threshold: float = 0.3,
         dead_weight: float = 2.0,
@@ -340,6 +344,7 @@ class HeuristicPolicy(_Decides):
             raise ValueError(f"temperature must be >= 0, got {temperature}")
         self.temperature = temperature
         self.plateau_tol = plateau_tol
+        self.rank_step = rank_step
         self.grad_ratio = grad_ratio
         self.dead_threshold = dead_threshold
         self.dead_weight = dead_weight
@@ -376,9 +381,9 @@ class HeuristicPolicy(_Decides):
             ranked = sorted(legal, key=lambda k: (not bridge[k], -size[k], k))
             for rank, k in enumerate(ranked):
                 if bridge[k]:
-                    scores[n, k] = pair_pressure[n] + 0.25 - 0.25 * rank
+                    scores[n, k] = pair_pressure[n] + self.rank_step * (1 - rank)
                 elif candidate[n]:
-                    scores[n, k] = pressure[n] - 0.25 * rank
+                    scores[n, k] = pressure[n] - self.rank_step * rank
         return scores
 
     def distribution(
