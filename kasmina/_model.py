@@ -132,6 +132,13 @@ class MorphableModel(nn.Module):
                 f"bridges must be 'auto', None or a mapping {{consumer layer: source layer}}, "
                 f"got {bridges!r}"
             )
+        fed = [source.layer_name for source, _ in pairs]
+        twice = sorted({name for name in fed if fed.count(name) > 1})
+        if twice:
+            raise ValueError(
+                f"bridges: layer {twice[0]!r} feeds more than one bridge site; each source "
+                "layer feeds one"
+            )
         for source, consumer in pairs:
             consumer.set_bridge_source(source)
 

@@ -200,6 +200,8 @@ def test_bridges_can_be_named_or_switched_off_and_bad_ones_are_value_errors():
         named.layer("2").graft_dims("bridge")
     with pytest.raises(ValueError, match="no seed layer 'fc9'"):
         wrap(mlp, bridges={"4": "fc9"})
+    with pytest.raises(ValueError, match="'0' feeds more than one bridge site"):
+        wrap(mlp, bridges={"2": "0", "4": "0"})
     with pytest.raises(ValueError, match="bridges must be 'auto', None or a mapping"):
         wrap(mlp, bridges="all")
     for model, bridges in ((mlp, {"2": "2"}), (_cnn(), {"5": "0"})):  # itself; a Conv2d
