@@ -90,15 +90,18 @@ def budget_left(*, doc: dict, run: TrainingRun) -> float:
     return budget * max(0.0, 1.0 - float(doc["globals"]["budget_used"]))
 
 
-def site_dims(doc: dict, layer: dict, graft: str) -> tuple[int, int] | None:
+def site_dims(layer: dict, graft: str, inputs: dict[str, int]) -> tuple[int, int] | None:
     """(in, out) widths a `graft` seed of `layer` reads and writes; None where it cannot live
-    (a bridge seed reads the input of the layer's bridge source, if it has one)."""
+    (a bridge seed reads the input of the layer's bridge source, if it has one). ``inputs``:
+    each layer's input width by name."""
     if graft != "bridge":
         return layer["in"], layer["out"]
-    source = layer.get("bridge_from")
-    if source is None:
-        return None
-    return next(la["in"] for la in doc["layers"] if la["name"] == source), layer["out"]
+    source = layer["bridge_from"]
+    return None if source is None else (inputs[source], layer["out"])
+
+
+def _inputs(doc: dict) -> dict[str, int]:
+    return {layer["name"]: layer["in"] for layer in doc["layers"]}
 
 
 def feasibility(
@@ -110,10 +113,11 @@ def feasibility(
     compiles for (None where it compiles for none): the descriptors' ``params_estimate``."""
     rows: list[list[bool]] = []
     sizes: list[list[int]] = [[] for _ in blueprints]
+    inputs = _inputs(doc)
     for layer in doc["layers"]:
         row = []
         for k, b in enumerate(blueprints):
-            dims = site_dims(doc, layer, b.ir["graft"])
+            dims = site_dims(layer, b.ir["graft"], inputs)
             params = (
                 None
                 if dims is None
@@ -226,7 +230,7 @@ def decision_make(
             if decision.action == "germinate":
                 blueprint = blueprints[decision.blueprint_index]
                 layer = next(la for la in doc["layers"] if la["name"] == decision.layer)
-                n_in, n_out = site_dims(doc, layer, blueprint.ir["graft"])
+                n_in, n_out = site_dims(layer, blueprint.ir["graft"], _inputs(doc))
                 signature = {
                     "graft": blueprint.ir["graft"],
                     "layout": layer["layout"],
