@@ -7,14 +7,18 @@ GERMINATE (outcome ``final_stage, contribution, metric_before, metric_after, par
 failures, rolled_back``)::
 
     x = contribution
-        − λ_params   · params_added / param_budget      (λ_params = 0.05; 0 when no budget)
+        − λ_params   · params_added / param_budget      (λ_params = 0.005; 0 when no budget)
         − λ_fail     · failures                           (λ_fail = 0.01 per failure)
         − λ_rollback · rolled_back                        (λ_rollback = 0.05)
     reward = tanh(scale · x)                              (scale = 20)
 
 ``contribution`` is the counterfactual gain (metric with the seed − without it); null when
 the seed never reached probation, which counts as 0. So a seed worth +2 points that used
-10% of the budget earns tanh(20 · (0.02 − 0.005)) = tanh(0.3) ≈ 0.291.
+10% of the budget earns tanh(20 · (0.02 − 0.0005)) = tanh(0.39) ≈ 0.371. The budget itself
+bounds growth (the server offers no kernel over what is left of it); the parameter term
+only tilts the choice toward smaller kernels: spending the whole budget must buy half a
+point. (At 0.05 it had to buy five, more than a too-small MLP's whole gap to one 4× wider
+on digits, so a policy trained on those rewards learned to wait every time.)
 
 WAIT (outcome ``metric_before, metric_after`` over the same window)::
 
@@ -54,7 +58,7 @@ class RewardWeights:
     """Coefficients of the reward formula (see the module docstring)."""
 
     scale: float = 20.0
-    lambda_params: float = 0.05
+    lambda_params: float = 0.005
     lambda_fail: float = 0.01
     lambda_rollback: float = 0.05
     scale_wait: float = 20.0

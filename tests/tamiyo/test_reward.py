@@ -20,9 +20,17 @@ def germinate(**over) -> dict:
 
 
 def test_fossilized_seed_worth_two_points_using_a_tenth_of_the_budget():
-    # x = 0.02 − 0.05 · 1000 / 10000 = 0.015; tanh(20 · 0.015) = tanh(0.3)
+    # x = 0.02 − 0.005 · 1000 / 10000 = 0.0195; tanh(20 · 0.0195) = tanh(0.39)
     reward = compute_reward(germinate(), action="germinate", param_budget=10_000)
-    assert_close(reward, 0.2913126124515909)
+    assert_close(reward, 0.3713602278765077)
+
+
+def test_a_seed_worth_a_point_for_the_whole_budget_is_rewarded_and_one_worth_less_is_not():
+    # break-even: the whole budget for half a point (x = 0.01 − 0.005 > 0; 0.004 − 0.005 < 0)
+    whole = {"params_added": 600, "contribution": 0.01}
+    assert compute_reward(germinate(**whole), action="germinate", param_budget=600) > 0
+    less = {"params_added": 600, "contribution": 0.004}
+    assert compute_reward(germinate(**less), action="germinate", param_budget=600) < 0
 
 
 def test_failures_and_rollback_are_charged():
