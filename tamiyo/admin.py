@@ -1,7 +1,9 @@
-from django.contrib import admin
+from django.contrib import admin, messages
 
+from tamiyo import services
 from tamiyo.models import Experience, PolicyVersion, TrainingRun
 from urza.admin import json_display
+from urza.errors import ApplicationError
 
 
 @admin.register(TrainingRun)
@@ -93,9 +95,25 @@ class PolicyVersionAdmin(admin.ModelAdmin):
         "updated_at",
     ]
     exclude = ["config", "metrics"]
+    actions = ["activate"]
 
     def has_add_permission(self, request) -> bool:
         return False
+
+    @admin.action(description="Activate the selected policy version (decisions use it)")
+    def activate(self, request, queryset):
+        if queryset.count() != 1:
+            self.message_user(
+                request, "select exactly one policy version to activate", messages.ERROR
+            )
+            return
+        version = queryset.get()
+        try:
+            services.policy_activate(version=version)
+        except ApplicationError as exc:
+            self.message_user(request, exc.message, messages.ERROR)
+            return
+        self.message_user(request, f"policy v{version.version} is now active", messages.SUCCESS)
 
     config_pretty = json_display("config", "config")
 

@@ -354,6 +354,11 @@ def policy_version_create(
 
 
 def policy_activate(*, version: PolicyVersion) -> PolicyVersion:
+    """Make `version` the policy every run's decisions use (and the start point of the next
+    training job); the previously active one is deactivated. Refuses (409
+    ``checkpoint_corrupt`` / ``policy_unusable``) a version whose checkpoint does not load, so
+    a bad file never becomes the active policy."""
+    policy_load(version=version)
     with transaction.atomic():
         PolicyVersion.objects.filter(is_active=True).exclude(pk=version.pk).update(is_active=False)
         PolicyVersion.objects.filter(pk=version.pk).update(is_active=True)

@@ -16,4 +16,9 @@ urlpatterns = [
     path("policies/", views.PolicyListApi.as_view(), name="policies"),
     path("policies/active/", views.PolicyActiveApi.as_view(), name="policy-active"),
     path("policies/train/", views.PolicyTrainApi.as_view(), name="policy-train"),
+    path(
+        "policies/<int:version>/activate/",
+        views.PolicyActivateApi.as_view(),
+        name="policy-activate",
+    ),
 ]

@@ -5,6 +5,7 @@ from __future__ import annotations
 from drf_spectacular.utils import OpenApiResponse, extend_schema
 from rest_framework import serializers, status
 from rest_framework.generics import GenericAPIView
+from rest_framework.permissions import IsAdminUser
 from rest_framework.response import Response
 
 from tamiyo import selectors, services
@@ -242,6 +243,28 @@ class PolicyActiveApi(GenericAPIView):
                 status=404,
             )
         return Response(PolicyOutputSerializer(version).data)
+
+
+class PolicyActivateApi(GenericAPIView):
+    """Pin a policy version: decisions use it from the next request on (staff only, since it
+    changes every run's decisions). The training job activates a candidate only when its
+    held-out score is no worse; this is how an operator rolls back, or measures a candidate
+    the job kept inactive."""
+
+    queryset = PolicyVersion.objects.none()
+    serializer_class = PolicyOutputSerializer
+    permission_classes = [IsAdminUser]
+
+    @extend_schema(request=None, responses={200: PolicyOutputSerializer, **ERROR_RESPONSES})
+    def post(self, request, version: int):
+        found = PolicyVersion.objects.filter(version=version).first()
+        if found is None:
+            raise ApplicationError(
+                f"policy version {version} does not exist (GET /api/v1/policies/ lists them)",
+                code="not_found",
+                status=404,
+            )
+        return Response(PolicyOutputSerializer(services.policy_activate(version=found)).data)
 
 
 class PolicyTrainApi(GenericAPIView):

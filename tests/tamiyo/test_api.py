@@ -2,7 +2,7 @@ import math
 
 import pytest
 
-from tamiyo.models import Experience, TrainingRun
+from tamiyo.models import Experience, PolicyVersion, TrainingRun
 from tests.tamiyo._runtime import graph_doc, health_snapshot
 
 pytestmark = [pytest.mark.django_db]
@@ -285,3 +285,86 @@ def test_runs_and_experiences_are_browsable_in_the_admin(
     )
     assert admin_client.get(f"/admin/tamiyo/trainingrun/{run['id']}/change/").status_code == 200
     assert admin_client.get("/admin/tamiyo/policyversion/").status_code == 200
+
+
+@pytest.fixture
+def staff_client(user, token):
+    from rest_framework.test import APIClient
+
+    user.is_staff = True
+    user.save()
+    client = APIClient()
+    client.credentials(HTTP_AUTHORIZATION=f"Token {token.key}")
+    return client
+
+
+def _version(activate: bool):
+    from tamiyo import services
+    from tamiyo.policy import GNNPolicy
+
+    return services.policy_version_create(
+        policy=GNNPolicy(), metrics={}, experience_count=0, activate=activate
+    )
+
+
+def test_staff_can_pin_a_policy_version_and_decisions_use_it(staff_client, run, health, catalogue):
+    first, second = _version(activate=True), _version(activate=False)
+    assert _decide(staff_client, run, graph_doc(health)).json()["policy_version"] == 1
+
+    response = staff_client.post(f"/api/v1/policies/{second.version}/activate/")
+    assert response.status_code == 200, response.content
+    assert response.json()["version"] == second.version and response.json()["is_active"]
+    assert staff_client.get("/api/v1/policies/active/").json()["version"] == second.version
+    first.refresh_from_db()
+    assert not first.is_active
+    body = _decide(staff_client, run, graph_doc(health)).json()
+    assert body["policy"] == "gnn" and body["policy_version"] == second.version
+
+    # rolling back is the same request
+    assert staff_client.post(f"/api/v1/policies/{first.version}/activate/").status_code == 200
+    assert _decide(staff_client, run, graph_doc(health)).json()["policy_version"] == 1
+
+
+def test_activating_is_refused_to_non_staff(api_client):
+    version = _version(activate=False)
+    response = api_client.post(f"/api/v1/policies/{version.version}/activate/")
+    assert response.status_code == 403
+    assert _error(response)["code"] == "permission_denied"
+    version.refresh_from_db()
+    assert not version.is_active
+
+
+def test_activating_an_unknown_version_is_a_clear_404(staff_client):
+    response = staff_client.post("/api/v1/policies/99/activate/")
+    assert response.status_code == 404
+    assert "GET /api/v1/policies/" in _error(response)["message"]
+
+
+def test_a_version_whose_checkpoint_does_not_load_is_never_activated(staff_client):
+    from django.core.files.base import ContentFile
+
+    from tamiyo import services
+
+    good, bad = _version(activate=True), _version(activate=False)
+    services._policy_cache.clear()
+    bad.checkpoint.save("tampered.safetensors", ContentFile(b"not the trained weights"))
+    response = staff_client.post(f"/api/v1/policies/{bad.version}/activate/")
+    assert response.status_code == 409
+    assert _error(response)["code"] == "checkpoint_corrupt"
+    assert PolicyVersion.objects.get(is_active=True).version == good.version
+
+
+def test_the_admin_activates_one_selected_version(admin_client):
+    first, second = _version(activate=True), _version(activate=False)
+    url = "/admin/tamiyo/policyversion/"
+    page = admin_client.post(
+        url, {"action": "activate", "_selected_action": [second.pk]}, follow=True
+    )
+    assert page.status_code == 200 and "is now active" in page.content.decode()
+    assert PolicyVersion.objects.get(is_active=True).pk == second.pk
+
+    page = admin_client.post(
+        url, {"action": "activate", "_selected_action": [first.pk, second.pk]}, follow=True
+    )
+    assert "exactly one" in page.content.decode()
+    assert PolicyVersion.objects.get(is_active=True).pk == second.pk
