@@ -38,10 +38,11 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def prepare_database(
-    env: dict | None = None, user: str = "bench", *, password: str | None = None
+    env: dict | None = None, user: str = "bench", *, password: str | None = None, staff=False
 ) -> str:
     """Migrate (the catalogue comes with the migrations) and return an API token for `user`
-    (created if missing; with `password` it is a superuser who can log in to the admin)."""
+    (created if missing; with `password` it is a superuser who can log in to the admin; with
+    `staff` it may pin policy versions)."""
     import subprocess
     import sys
 
@@ -53,6 +54,7 @@ def prepare_database(
         [*manage, "load_catalogue"], env=env, check=True, cwd=ROOT, stdout=subprocess.DEVNULL
     )
     extra = ["--superuser", "--password", password] if password else []
+    extra += ["--staff"] if staff else []
     return subprocess.run(
         [*manage, "esper_token", user, "--create", *extra],
         env=env,
@@ -96,7 +98,8 @@ class EmbeddedServer:
     `home=None` runs it in a temporary ESPER_HOME removed on exit (the benchmarks); a path
     keeps its database and artifacts there (the demo uses the project default `.esper`, so
     experiences accumulate across runs). `env` adds variables for the server (for example
-    `TAMIYO_TRAIN_EVERY=0`); `user`/`password` name the account whose token is used.
+    `TAMIYO_TRAIN_EVERY=0`); `user`/`password` name the account whose token is used, and
+    `staff` makes it staff (the growth benchmark pins the policy version it trains).
     """
 
     def __init__(
@@ -106,6 +109,7 @@ class EmbeddedServer:
         env: dict | None = None,
         user: str = "bench",
         password: str | None = None,
+        staff: bool = False,
         timeout: float = 120.0,
     ) -> None:
         import os
@@ -115,6 +119,7 @@ class EmbeddedServer:
         self.home = Path(home).resolve() if home is not None else None
         self.log_path: Path | None = None
         self._env, self._user, self._password = dict(env or {}), user, password
+        self._staff = staff
         self._timeout = timeout
         self._proc = None
         self._tmp = None
@@ -147,7 +152,9 @@ class EmbeddedServer:
         env.update(self._env)
         env["ESPER_HOME"] = str(home)
         try:
-            self.token = prepare_database(env, self._user, password=self._password)
+            self.token = prepare_database(
+                env, self._user, password=self._password, staff=self._staff
+            )
             port = free_port()
             self.url = f"http://127.0.0.1:{port}"
             self.log_path = home / "server.log"

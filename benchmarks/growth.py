@@ -17,9 +17,13 @@ trains with the same plain loop (Adam, lr 3e-3, batch 32, 40 epochs) and seeds:
                      the heuristic picked most often in this run's grown_heuristic runs
   grown_gnn          small MLP + Controller with policy "gnn", after a policy version was
                      trained (POST /policies/train/) on the experiences the heuristic and
-                     random runs recorded; the server decides with the heuristic unless that
-                     version was activated (its held-out score is no worse) -- the JSON says
-                     which policy decided.
+                     random runs recorded. With `--gnn trained` (default) that version is
+                     pinned (POST /policies/{v}/activate/) for these runs even when the
+                     training job kept it inactive (its held-out score was worse than the
+                     heuristic's), so the row measures the trained GNN; on a served
+                     deployment the previously active version is restored afterwards. With
+                     `--gnn active` the server's own choice decides (the heuristic when no
+                     version is active). The JSON says which policy decided.
 
 A static frontier (the same loop for widths between small and large: 10, 12, 14, 15, 16 and
 24) shows what the first target asks for: how accurate a model of a given size gets when it
@@ -57,6 +61,8 @@ from examples.morphogenesis import (  # noqa: E402
     SMALL_HIDDEN,
     Growth,
     RunResult,
+    activate_policy,
+    active_policy,
     check_server,
     count_params,
     default_budget,
@@ -68,6 +74,7 @@ from examples.morphogenesis import (  # noqa: E402
     warm_registry,
 )
 from kasmina import wrap  # noqa: E402
+from kasmina.errors import ApiError  # noqa: E402
 
 VARIANTS = (
     "static_small",
@@ -237,6 +244,14 @@ def main() -> None:
         help="digits (the reported numbers) or MNIST-1D (needs the optional mnist1d package; "
         "writes growth-mnist1d.json/.png)",
     )
+    parser.add_argument(
+        "--gnn",
+        choices=("trained", "active"),
+        default="trained",
+        help="grown_gnn decides with the version this run trains, pinned for the measurement "
+        "(trained; needs a staff token on a served deployment), or with the server's active "
+        "policy (active)",
+    )
     args = parser.parse_args()
     logging.basicConfig(level=logging.ERROR)
     torch.set_num_threads(1)
@@ -256,7 +271,7 @@ def main() -> None:
     results.update({f"static_h{w}": [] for w in FRONTIER_WIDTHS})
     server_env = {"TAMIYO_TRAIN_EVERY": "0", "TAMIYO_TRAIN_SCHEDULE_S": "0"}  # train on cue
 
-    with EmbeddedServer(env=server_env) as server:
+    with EmbeddedServer(env=server_env, staff=True) as server:
         client = check_server(server.url, server.token)
         t0 = time.monotonic()
         warm = warm_registry(client, sites)
@@ -311,13 +326,23 @@ def main() -> None:
             "seconds": time.monotonic() - t0,
             "version": version["version"] if version else None,
             "activated": bool(version and version["is_active"]),
+            "pinned": False,
             "experience_count": version["experience_count"] if version else None,
             "metrics": {
                 k: v for k, v in (version or {}).get("metrics", {}).items() if k != "history"
             },
         }
+        previous = active_policy(client)
+        if args.gnn == "trained" and version is not None and not version["is_active"]:
+            try:
+                activate_policy(client, version["version"])
+                policy_training["pinned"] = True
+            except ApiError as exc:  # a non-staff token on a served deployment
+                policy_training["pin_error"] = exc.message
         for seed in seeds:
             run("grown_gnn", seed, SMALL_HIDDEN, Growth(policy="gnn", param_budget=budget))
+        if policy_training.get("pinned") and previous is not None and not server.started:
+            activate_policy(client, previous["version"])  # leave a deployment as it was
         bar.close()
         served = not server.started
 
@@ -435,7 +460,10 @@ def main() -> None:
             f"{v} - grown_random: {t['diff_pts_mean']:+.2f} ± {t['diff_pts_sem']:.2f} pts "
             f"(paired, won {t['seeds_won']}/{t['seeds']} seeds)"
         )
-    print(f"policy training: {policy_training['version']=} {policy_training['activated']=}")
+    print(
+        f"policy training: version {policy_training['version']}, activated by the job "
+        f"{policy_training['activated']}, pinned for grown_gnn {policy_training['pinned']}"
+    )
     print(f"grown_gnn decided by {gnn_decided}")
     print(f"wrote {path} and {RESULTS / f'{name}.png'} in {payload['total_s']:.0f} s")
 

@@ -226,6 +226,11 @@ def active_policy(client: EsperClient) -> dict | None:
         raise
 
 
+def activate_policy(client: EsperClient, version: int) -> dict:
+    """`POST /policies/{version}/activate/` (staff tokens): decisions use that version next."""
+    return client.request("POST", f"policies/{version}/activate/")
+
+
 def request_policy_training(client: EsperClient, *, seed: int = 0) -> dict:
     """`POST /policies/train/`: `{"queued": True, "experiences": n, "known": versions}`, or
     `{"queued": False, "experiences": have, "needed": need}` when there are too few."""

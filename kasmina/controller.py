@@ -41,6 +41,7 @@ logger = logging.getLogger(__name__)
 EMA_BETA = 0.9
 MAX_ROLLBACKS_IN_A_ROW = 3
 NOISE_DEVIATIONS = 8.0  # a spike is also this many mean absolute deviations above the EMA
+TREND_STEPS = 50  # the loss trend is fitted over at least this many steps of the loss EMA
 COUNTED = ("decisions", "waits", "germinated", "fossilized", "culled", "rejected", "rollbacks")
 _GONE = frozenset({Stage.CULLED, Stage.EMBARGOED, Stage.DORMANT})
 _BEFORE_TRAINING = frozenset({Stage.GERMINATED, Stage.LOADING, Stage.ERROR_RECOVERY})
@@ -182,7 +183,7 @@ class Controller:
         self._waits: list[tuple[str, _Asked]] = []
         self._ema: float | None = None
         self._dev = 0.0
-        self._emas: deque[float] = deque(maxlen=self.decide_every + 1)
+        self._emas: deque[float] = deque(maxlen=max(self.decide_every, TREND_STEPS) + 1)
         self._good = self._since_snapshot = self._in_a_row = 0
         self._high = False  # the last step's loss was high (a second one in a row is a spike)
         self._metrics: deque[float] = deque(maxlen=2)  # the last two validation metrics
@@ -431,14 +432,23 @@ class Controller:
             and remaining >= self.training_steps + self.model.blend_steps + self.probation_steps
         )
 
+    def _loss_trend(self) -> float | None:
+        """Relative change of the loss EMA per decision interval: the least-squares slope over
+        the last ``max(decide_every, TREND_STEPS)`` steps, times ``decide_every``, over the
+        window's mean. None until the window is full. (The change across one short interval
+        is mostly minibatch noise; a plateau test on it fires at random.)"""
+        window = self._emas
+        n = len(window)
+        if n < window.maxlen:
+            return None
+        mean_x, mean_y = (n - 1) / 2, sum(window) / n
+        sxy = sum((i - mean_x) * (y - mean_y) for i, y in enumerate(window))
+        sxx = n * (n * n - 1) / 12
+        return sxy / sxx * self.decide_every / max(abs(mean_y), 1e-12)
+
     def _ask(self) -> None:
         asked = _Asked(self.steps, time.monotonic(), self._metric(), self._ema)
-        window = list(self._emas)
-        loss_trend = (
-            (window[-1] - window[0]) / max(abs(window[0]), 1e-12)
-            if len(window) == self._emas.maxlen
-            else None
-        )
+        loss_trend = self._loss_trend()
         grown = sum(p.numel() for p in self.model.seed_parameters())
         doc = self.model.graph_document(
             progress=min(1.0, self.steps / self.total_steps),

@@ -257,3 +257,35 @@ def test_the_default_budget_is_the_models_own_size_and_a_bad_budget_says_what_to
     for bad in (0, -5, 2.5, True, "half"):
         with pytest.raises(ValueError, match=r'^param_budget must be a positive integer, "model"'):
             Controller(model, optimizer, total_steps=10, param_budget=bad)
+
+
+def test_the_loss_trend_is_a_fitted_slope_per_interval_that_noise_does_not_fake():
+    import random
+
+    from torch import nn
+
+    from kasmina import Controller, wrap
+
+    def trends_after(losses, decide_every=10):
+        model = wrap(nn.Sequential(nn.Linear(8, 4), nn.ReLU(), nn.Linear(4, 3)))
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+        controller = Controller(model, optimizer, total_steps=1000, decide_every=decide_every)
+        trends = []
+        for value in losses:
+            controller.step(value)
+            trends.append(controller._loss_trend())
+        return trends, [h["loss_ema"] for h in controller.history]
+
+    # a loss falling 1 % per step falls about 10 % per 10-step decision interval
+    falling, _ = trends_after([0.99**t for t in range(200)])
+    assert all(t is None for t in falling[:50]) and falling[50] is not None  # 51 EMA values
+    assert falling[-1] == pytest.approx(-0.0956, rel=0.05)
+    # a flat loss with 10 % minibatch noise: the EMA's change across one interval often
+    # exceeds 2 %, the fitted trend stays inside it
+    rng = random.Random(0)
+    trends, emas = trends_after([1.0 + rng.gauss(0, 0.1) for _ in range(400)])
+    changes = [abs(b - a) / a for a, b in zip(emas[50:-10], emas[60:], strict=True)]
+    assert sum(c > 0.02 for c in changes) > len(changes) / 4
+    assert max(abs(t) for t in trends[50:]) < 0.02
+    # a long decision interval fits over that interval
+    assert trends_after([1.0] * 101, decide_every=100)[0][-2:] == [None, 0.0]

@@ -18,6 +18,21 @@ def test_esper_token_creates_user_and_prints_a_working_token(client):
     assert response.status_code == 200
 
 
+def test_esper_token_staff_may_pin_a_policy_version_and_a_plain_user_may_not(client):
+    from django.contrib.auth import get_user_model
+
+    call_command("esper_token", "plain", "--create", stdout=StringIO())
+    out = StringIO()
+    call_command("esper_token", "ops", "--create", "--staff", stdout=out)
+    ops = get_user_model().objects.get(username="ops")
+    assert ops.is_staff and not ops.is_superuser
+    assert not get_user_model().objects.get(username="plain").is_staff
+    response = client.post(
+        "/api/v1/policies/1/activate/", HTTP_AUTHORIZATION=f"Token {out.getvalue().strip()}"
+    )
+    assert response.status_code == 404  # allowed; there is no version 1 yet
+
+
 def test_esper_token_refuses_an_unknown_user_without_create():
     with pytest.raises(CommandError, match="--create"):
         call_command("esper_token", "ghost")

@@ -10,10 +10,15 @@ class Command(BaseCommand):
         parser.add_argument("username")
         parser.add_argument("--create", action="store_true", help="create the user if missing")
         parser.add_argument("--superuser", action="store_true", help="make the user a superuser")
+        parser.add_argument(
+            "--staff",
+            action="store_true",
+            help="make the user staff (may pin policy versions; not an admin-site superuser)",
+        )
         parser.add_argument("--password", help="set this password (for the admin site)")
         parser.add_argument("--rotate", action="store_true", help="replace an existing token")
 
-    def handle(self, *args, username, create, superuser, password, rotate, **options):
+    def handle(self, *args, username, create, superuser, staff, password, rotate, **options):
         User = get_user_model()
         user = User.objects.filter(username=username).first()
         if user is None:
@@ -22,6 +27,8 @@ class Command(BaseCommand):
             user = User.objects.create_user(username=username)
         if superuser:
             user.is_staff = user.is_superuser = True
+        if staff:
+            user.is_staff = True
         if password:
             user.set_password(password)
         user.save()
