@@ -151,13 +151,19 @@ def summarise(variant: str, runs: list[RunResult]) -> dict:
 
 def paired(runs: list[RunResult], baseline: list[RunResult]) -> dict:
     """`runs` vs `baseline` seed by seed (the same data split and init seed): the mean
-    accuracy difference in points, its standard error, and the seeds won."""
-    diff = [100 * (a.test_accuracy - b.test_accuracy) for a, b in zip(runs, baseline, strict=True)]
+    accuracy difference in points, its standard error, and the seeds won. It `beats` the
+    baseline when the mean difference is positive and it wins more than half the seeds.
+    (Accuracies are float32 ratios; differences are rounded to 1e-6 points, so a tie is 0.)"""
+    diff = [
+        round(100 * (a.test_accuracy - b.test_accuracy), 6)
+        for a, b in zip(runs, baseline, strict=True)
+    ]
+    won = sum(d > 0 for d in diff)
     return {
-        "beats": statistics.fmean(diff) > 0,
+        "beats": statistics.fmean(diff) > 0 and won > len(diff) / 2,
         "diff_pts_mean": statistics.fmean(diff),
         "diff_pts_sem": stdev(diff) / len(diff) ** 0.5,
-        "seeds_won": sum(d > 0 for d in diff),
+        "seeds_won": won,
         "seeds": len(diff),
     }
 
