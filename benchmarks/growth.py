@@ -15,13 +15,16 @@ trains with the same plain loop (Adam, lr 3e-3, batch 32, 40 epochs) and seeds:
   grow_all_at_once   small MLP, every seed site gets a kernel of one blueprint before the
                      first step (`MorphableModel.load_kernel`; no decisions): the blueprint
                      the heuristic picked most often in this run's grown_heuristic runs
-  grown_gnn          small MLP + Controller with policy "gnn", after a policy version was
-                     trained (POST /policies/train/) on the experiences the heuristic and
-                     random runs recorded. With `--gnn trained` (default) that version is
-                     pinned (POST /policies/{v}/activate/) for these runs even when the
-                     training job kept it inactive (its held-out score was worse than the
-                     heuristic's), so the row measures the trained GNN; on a served
-                     deployment the previously active version is restored afterwards. With
+  grown_gnn          small MLP + Controller with policy "gnn", after `--gnn-rounds` (3)
+                     rounds of the learning loop: each trains a policy version
+                     (POST /policies/train/) on every experience recorded so far (the
+                     heuristic and random runs, then the GNN's own earlier rounds) and runs
+                     the seeds with it; the row is the last round, and the JSON has every
+                     round. With `--gnn trained` (default) each version is pinned
+                     (POST /policies/{v}/activate/) for its round even when the training
+                     job kept it inactive (its held-out score was worse than the current
+                     policy's), so the row measures the trained GNN; on a served deployment
+                     the previously active version is restored afterwards. With
                      `--gnn active` the server's own choice decides (the heuristic when no
                      version is active). The JSON says which policy decided.
 
@@ -238,6 +241,46 @@ def plot(rows: list[dict], frontier: list[dict], path: Path, title: str) -> None
     plt.close(fig)
 
 
+def train_policy_version(client, args: argparse.Namespace, *, seed: int) -> dict:
+    """One training job on every experience so far; with `--gnn trained` the new version is
+    pinned (made active) even when the job kept it inactive."""
+    t0 = time.monotonic()
+    queued = request_policy_training(client, seed=seed)
+    version = None
+    if queued["queued"]:
+        version = wait_for_policy(client, queued["known"], timeout=args.policy_timeout)
+    training = {
+        "requested_on_experiences": queued["experiences"],
+        "queued": queued["queued"],
+        "needed": queued.get("needed"),
+        "seconds": time.monotonic() - t0,
+        "version": version["version"] if version else None,
+        "activated": bool(version and version["is_active"]),
+        "pinned": False,
+        "experience_count": version["experience_count"] if version else None,
+        "metrics": {k: v for k, v in (version or {}).get("metrics", {}).items() if k != "history"},
+    }
+    if args.gnn == "trained" and version is not None and not version["is_active"]:
+        try:
+            activate_policy(client, version["version"])
+            training["pinned"] = True
+        except ApiError as exc:  # a non-staff token on a served deployment
+            training["pin_error"] = exc.message
+    return training
+
+
+def round_summary(runs: list[RunResult]) -> dict:
+    grafts = [m for r in runs for m in r.markers]
+    return {
+        "acc_mean": mean([100 * r.test_accuracy for r in runs]),
+        "params": mean([r.params for r in runs]),
+        "grafts": len(grafts),
+        "bridges": sum(m["blueprint"].startswith("bridge") for m in grafts),
+        "first_graft_steps": [r.markers[0]["decided_step"] if r.markers else None for r in runs],
+        "decided_by": dict(sum((Counter(r.policies) for r in runs), Counter())),
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seeds", type=int, default=5)
@@ -258,7 +301,15 @@ def main() -> None:
         "(trained; needs a staff token on a served deployment), or with the server's active "
         "policy (active)",
     )
+    parser.add_argument(
+        "--gnn-rounds",
+        type=int,
+        default=3,
+        help="rounds of train-then-run for grown_gnn; the row reports the last (default 3)",
+    )
     args = parser.parse_args()
+    if args.gnn_rounds < 1:
+        parser.error("--gnn-rounds must be at least 1")
     logging.basicConfig(level=logging.ERROR)
     torch.set_num_threads(1)
     started = time.monotonic()
@@ -275,6 +326,8 @@ def main() -> None:
     }
     results: dict[str, list[RunResult]] = {v: [] for v in VARIANTS}
     results.update({f"static_h{w}": [] for w in FRONTIER_WIDTHS})
+    gnn_variants = [f"grown_gnn_round{r + 1}" for r in range(args.gnn_rounds - 1)] + ["grown_gnn"]
+    results.update({v: [] for v in gnn_variants[:-1]})
     server_env = {"TAMIYO_TRAIN_EVERY": "0", "TAMIYO_TRAIN_SCHEDULE_S": "0"}  # train on cue
 
     with EmbeddedServer(env=server_env, staff=True) as server:
@@ -283,7 +336,9 @@ def main() -> None:
         warm = warm_registry(client, sites)
         warm_s = time.monotonic() - t0
         bar = tqdm(
-            total=(len(VARIANTS) + len(FRONTIER_WIDTHS)) * len(seeds), desc="growth", unit="run"
+            total=(len(VARIANTS) + len(FRONTIER_WIDTHS) + args.gnn_rounds - 1) * len(seeds),
+            desc="growth",
+            unit="run",
         )
 
         def run(variant: str, seed: int, hidden: int, growth: Growth | None) -> None:
@@ -319,35 +374,21 @@ def main() -> None:
             growth = Growth(all_at_once=True, blueprint=all_at_once_blueprint, param_budget=budget)
             run("grow_all_at_once", seed, SMALL_HIDDEN, growth)
 
-        bar.set_postfix_str("training the policy")
-        t0 = time.monotonic()
-        queued = request_policy_training(client, seed=0)
-        version = None
-        if queued["queued"]:
-            version = wait_for_policy(client, queued["known"], timeout=args.policy_timeout)
-        policy_training = {
-            "requested_on_experiences": queued["experiences"],
-            "queued": queued["queued"],
-            "needed": queued.get("needed"),
-            "seconds": time.monotonic() - t0,
-            "version": version["version"] if version else None,
-            "activated": bool(version and version["is_active"]),
-            "pinned": False,
-            "experience_count": version["experience_count"] if version else None,
-            "metrics": {
-                k: v for k, v in (version or {}).get("metrics", {}).items() if k != "history"
-            },
-        }
         previous = active_policy(client)
-        if args.gnn == "trained" and version is not None and not version["is_active"]:
-            try:
-                activate_policy(client, version["version"])
-                policy_training["pinned"] = True
-            except ApiError as exc:  # a non-staff token on a served deployment
-                policy_training["pin_error"] = exc.message
-        for seed in seeds:
-            run("grown_gnn", seed, SMALL_HIDDEN, Growth(policy="gnn", param_budget=budget))
-        if policy_training.get("pinned") and previous is not None and not server.started:
+        rounds: list[dict] = []
+        for number, variant in enumerate(gnn_variants, start=1):
+            bar.set_postfix_str(f"training the policy (round {number})")
+            training = train_policy_version(client, args, seed=number - 1)
+            if training["version"] is None and number < len(gnn_variants):
+                bar.update((len(gnn_variants) - number) * len(seeds))
+                variant = "grown_gnn"  # too few experiences: one round with the server's choice
+            for seed in seeds:
+                run(variant, seed, SMALL_HIDDEN, Growth(policy="gnn", param_budget=budget))
+            rounds.append({**training, **round_summary(results[variant])})
+            if variant == "grown_gnn":
+                break
+        policy_training = rounds[-1]
+        if any(r["pinned"] for r in rounds) and previous is not None and not server.started:
             activate_policy(client, previous["version"])  # leave a deployment as it was
         bar.close()
         served = not server.started
@@ -363,7 +404,7 @@ def main() -> None:
         for w in FRONTIER_WIDTHS
     ]
     by_name = {r["variant"]: r for r in rows}
-    grown_runs = [r for v in ("grown_heuristic", "grown_random", "grown_gnn") for r in results[v]]
+    grown_runs = [r for v in ("grown_heuristic", "grown_random", *gnn_variants) for r in results[v]]
     cycles = [c for r in grown_runs for c in r.cycle_s]
     step_max = [r.max_step_s for r in grown_runs if r.max_step_s is not None]
 
@@ -407,6 +448,7 @@ def main() -> None:
         "controller_step_max_s_median_over_runs": statistics.median(step_max) if step_max else None,
         "targets": targets,
         "policy_training": policy_training,
+        "gnn_rounds": rounds,
         "grown_gnn_decided_by": gnn_decided,
         "grown_gnn_active_policy_at_start": by_name["grown_gnn"]["active_policy_at_start"],
         "all_at_once_blueprint": all_at_once_blueprint,
@@ -466,10 +508,12 @@ def main() -> None:
             f"{v} - grown_random: {t['diff_pts_mean']:+.2f} ± {t['diff_pts_sem']:.2f} pts "
             f"(paired, won {t['seeds_won']}/{t['seeds']} seeds)"
         )
-    print(
-        f"policy training: version {policy_training['version']}, activated by the job "
-        f"{policy_training['activated']}, pinned for grown_gnn {policy_training['pinned']}"
-    )
+    for number, r in enumerate(rounds, start=1):
+        print(
+            f"gnn round {number}: v{r['version']} on {r['experience_count']} experiences, "
+            f"activated by the job {r['activated']}, pinned {r['pinned']}: "
+            f"{r['acc_mean']:.2f} %, {r['grafts']} grafts ({r['bridges']} bridges)"
+        )
     print(f"grown_gnn decided by {gnn_decided}")
     print(f"wrote {path} and {RESULTS / f'{name}.png'} in {payload['total_s']:.0f} s")
 

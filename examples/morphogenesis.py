@@ -48,6 +48,7 @@ __all__ = [
     "RunResult",
     "SetupError",
     "accuracy",
+    "activate_policy",
     "active_policy",
     "check_server",
     "count_params",
