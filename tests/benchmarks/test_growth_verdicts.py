@@ -1,0 +1,58 @@
+"""The growth benchmark's verdicts: what counts as beating random placement."""
+
+import sys
+from pathlib import Path
+
+import pytest
+
+from examples.morphogenesis import RunResult
+
+pytestmark = pytest.mark.fast
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
+import growth  # noqa: E402
+
+
+def _runs(accuracies, markers=None):
+    return [
+        RunResult(
+            variant="v",
+            dataset="digits",
+            seed=seed,
+            test_accuracy=acc,
+            val_accuracy=acc,
+            params=610,
+            base_params=610,
+            wall_s=1.0,
+            epochs=1,
+            steps_per_epoch=1,
+            markers=list(markers or []),
+            policies={"gnn": len(markers or [])},
+        )
+        for seed, acc in enumerate(accuracies)
+    ]
+
+
+def test_a_float_tie_is_not_a_win_and_beating_needs_most_seeds():
+    random = _runs([0.95, 0.93, 0.94, 0.96, 0.92])
+    # equal accuracies that differ in the last float32 bit are ties, not wins
+    tie = growth.paired(_runs([a + 1e-9 for a in (0.95, 0.93, 0.94, 0.96, 0.92)]), random)
+    assert tie["diff_pts_mean"] == 0 and tie["seeds_won"] == 0 and not tie["beats"]
+    # a positive mean carried by one seed is not "beats"
+    lucky = growth.paired(_runs([0.99, 0.92, 0.93, 0.96, 0.92]), random)
+    assert lucky["diff_pts_mean"] > 0 and lucky["seeds_won"] == 1 and not lucky["beats"]
+    better = growth.paired(_runs([0.96, 0.94, 0.95, 0.96, 0.91]), random)
+    assert better["seeds_won"] == 3 and better["beats"]
+    assert better["diff_pts_mean"] == pytest.approx(0.4)
+
+
+def test_a_round_summary_counts_grafts_bridges_and_first_graft_steps():
+    grafts = [
+        {"blueprint": "bridge-mlp-8", "decided_step": 30},
+        {"blueprint": "lowrank-adapter", "decided_step": 90},
+    ]
+    summary = growth.round_summary(_runs([0.9, 0.8], grafts) + _runs([0.7]))
+    assert summary["grafts"] == 4 and summary["bridges"] == 2
+    assert summary["first_graft_steps"] == [30, 30, None]
+    assert summary["acc_mean"] == pytest.approx(80.0)
+    assert summary["decided_by"] == {"gnn": 4}
