@@ -334,8 +334,9 @@ def test_activating_is_refused_to_non_staff(api_client):
     assert not version.is_active
 
 
-def test_activating_an_unknown_version_is_a_clear_404(staff_client):
-    response = staff_client.post("/api/v1/policies/99/activate/")
+@pytest.mark.parametrize("version", ["99", "99999999999999999999999"])
+def test_activating_an_unknown_version_is_a_clear_404(staff_client, version):
+    response = staff_client.post(f"/api/v1/policies/{version}/activate/")
     assert response.status_code == 404
     assert "GET /api/v1/policies/" in _error(response)["message"]
 
