@@ -43,5 +43,14 @@ format: $(STAMP)
 	$(BIN)/ruff format .
 	$(BIN)/ruff check --fix .
 
+# Every benchmark on the embedded default (JSON and plots in benchmarks/results/); the
+# MNIST-1D growth run (about 12 minutes here) is `benchmarks/growth.py --dataset mnist1d`.
+bench: $(STAMP)
+	$(BIN)/python benchmarks/compile.py
+	$(BIN)/python benchmarks/overhead.py
+	$(BIN)/python benchmarks/policy.py
+	$(BIN)/python benchmarks/growth.py
+	$(BIN)/python benchmarks/growth_timing.py
+
 clean:
 	rm -rf .esper .pytest_cache
