@@ -38,7 +38,11 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def prepare_database(
-    env: dict | None = None, user: str = "bench", *, password: str | None = None, staff=False
+    env: dict | None = None,
+    user: str = "bench",
+    *,
+    password: str | None = None,
+    staff: bool = False,
 ) -> str:
     """Migrate (the catalogue comes with the migrations) and return an API token for `user`
     (created if missing; with `password` it is a superuser who can log in to the admin; with
