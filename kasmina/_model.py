@@ -349,7 +349,7 @@ class MorphableModel(nn.Module):
             }
         )
         if optimizer is not None:
-            optimizer.add_param_group({"params": self.seed_parameters(layer.layer_name, idx)})
+            optimizer_add(optimizer, self.seed_parameters(layer.layer_name, idx), layer.host)
 
     def _fail(self, layer: SeedLayer, idx: int, reason: str) -> None:
         """A seed failed: host output in use; retried with backoff, culled after repeats."""
@@ -596,6 +596,29 @@ def _kernel_id(row: torch.Tensor) -> str:
     if kernel_id is None:
         raise KasminaError("checkpoint has a grafted seed without a kernel id")
     return kernel_id
+
+
+def optimizer_add(
+    optimizer: torch.optim.Optimizer, params: Iterable[nn.Parameter], host: nn.Module
+) -> None:
+    """Put `params` into the param group that holds `host`'s parameters.
+
+    They train with the host's current hyperparameters (a scheduled learning rate included),
+    and the number of groups stays as it was: LR schedulers keep one entry per group
+    (`LambdaLR`, `OneCycleLR` and others fail on a group added after them). When none of
+    the host's parameters is in the optimizer (a frozen host), `params` get a new group
+    with the optimizer's defaults. Parameters already in the optimizer are left alone.
+    """
+    present = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    params = [p for p in params if id(p) not in present]
+    if not params:
+        return
+    owned = {id(p) for p in host.parameters()}
+    for group in optimizer.param_groups:
+        if any(id(p) in owned for p in group["params"]):
+            group["params"].extend(params)
+            return
+    optimizer.add_param_group({"params": params})
 
 
 def optimizer_remove(optimizer: torch.optim.Optimizer, params: Iterable[nn.Parameter]) -> None:

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from kasmina._model import MorphableModel, optimizer_remove
+from kasmina._model import MorphableModel, optimizer_add, optimizer_remove
 from kasmina._outbox import Outbox, Write
 from kasmina._snapshot import Snapshot
 from kasmina.client import EsperClient
@@ -581,7 +581,9 @@ class Controller:
             adaptation.params = []
         if stage is Stage.TRAINING and not adaptation.params:
             adaptation.params = self.model.seed_parameters(adaptation.layer, adaptation.seed)
-            self.optimizer.add_param_group({"params": adaptation.params})
+            optimizer_add(
+                self.optimizer, adaptation.params, self.model.layer(adaptation.layer).host
+            )
             row = adaptation.row
             if row["decision_to_training_s"] is None:
                 row["decision_to_training_s"] = time.monotonic() - adaptation.asked.at

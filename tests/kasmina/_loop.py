@@ -12,7 +12,7 @@ from kasmina import Controller, Stage, wrap
 class Loop:
     """A small MLP learning a synthetic 3-class task, grown by a Controller while it trains."""
 
-    def __init__(self, client, wrap_options=None, hidden: int = 32, **options):
+    def __init__(self, client, wrap_options=None, hidden: int = 32, scheduler=None, **options):
         data = torch.Generator().manual_seed(0)
         x = torch.randn(1024, 8, generator=data)
         y = x @ torch.randn(8, 3, generator=data) + 0.3 * torch.randn(1024, 3, generator=data)
@@ -28,6 +28,7 @@ class Loop:
             **{"blend_steps": 10, "telemetry_every": 10, **(wrap_options or {})},
         )
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=1e-2)
+        self.scheduler = scheduler(self.optimizer) if scheduler is not None else None
         settings = {
             "total_steps": 100_000,
             "decide_every": 25,
@@ -56,6 +57,8 @@ class Loop:
             loss = loss * float("nan")
         loss.backward()
         self.optimizer.step()
+        if self.scheduler is not None:
+            self.scheduler.step()
         self.controller.step(loss)
         time.sleep(0.002)  # a step of real work, so decisions are not asked back to back
 
@@ -72,3 +75,11 @@ class Loop:
     def in_optimizer(self, params) -> bool:
         ids = {id(p) for group in self.optimizer.param_groups for p in group["params"]}
         return all(id(p) in ids for p in params)
+
+    def only_host_in_optimizer(self) -> bool:
+        """One param group holding exactly the host model's parameters (seeds gone)."""
+        groups = self.optimizer.param_groups
+        host = {id(p) for p in self.model.model.parameters()} - {
+            id(p) for p in self.model.seed_parameters()
+        }
+        return len(groups) == 1 and {id(p) for p in groups[0]["params"]} == host

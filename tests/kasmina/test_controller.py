@@ -52,7 +52,7 @@ def test_a_germinate_decision_runs_the_lifecycle_without_blocking_and_is_rewarde
         assert row["contribution"] > 0 and row["params_added"] > 0
         assert loop.in_optimizer(loop.model.seed_parameters("0", 0))
     else:
-        assert row["contribution"] <= 0 and len(loop.optimizer.param_groups) == 1
+        assert row["contribution"] <= 0 and loop.only_host_in_optimizer()
     # Training went on while the kernel compiled: its status was polled on later steps (how
     # many depends on the worker's speed; test_no_step_waits_on_a_request_that_hangs bounds
     # the blocking itself).
@@ -145,13 +145,31 @@ def test_no_step_waits_on_a_request_that_hangs(silent_server, token):
     assert not loop.controller.close(timeout=0.2)
 
 
+def test_a_loop_with_an_lr_scheduler_grows_a_seed_through_its_whole_lifecycle(make_loop):
+    # LambdaLR fails on a param group added after it; seeds join their host's group instead.
+    def scheduler(optimizer):
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 0.9995**step)
+
+    loop = make_loop(scheduler=scheduler)
+    controller = loop.controller
+    loop.run_until(lambda: loop.stage is Stage.TRAINING)
+    row = controller.adaptations[0]
+    assert loop.in_optimizer(loop.model.seed_parameters("0", 0))
+    loop.run_until(lambda: row["final_stage"] is not None)
+    assert len(loop.optimizer.param_groups) == 1
+    assert loop.scheduler.last_epoch == controller.steps
+    assert loop.optimizer.param_groups[0]["lr"] == pytest.approx(1e-2 * 0.9995**controller.steps)
+
+
 def test_a_loss_spike_rolls_back_and_culls_the_seed_grafted_since_the_snapshot(make_loop):
     # The only snapshot is the one taken at step 0; the seed stays TRAINING until the spike.
     loop = make_loop(snapshot_every=100_000, training_steps=50_000)
     controller = loop.controller
     loop.run_until(lambda: loop.stage is Stage.TRAINING)
     row = controller.adaptations[0]
-    assert len(loop.optimizer.param_groups) == 2 and loop.optimizer.state
+    seed_params = loop.model.seed_parameters("0", 0)
+    assert len(loop.optimizer.param_groups) == 1 and loop.in_optimizer(seed_params)
+    assert loop.optimizer.state
 
     controller.step(1e9)  # one high batch is not a spike: nothing happens yet
     assert loop.stage is Stage.TRAINING and controller.stats()["rollbacks"] == 0
@@ -159,7 +177,7 @@ def test_a_loss_spike_rolls_back_and_culls_the_seed_grafted_since_the_snapshot(m
     assert loop.stage is Stage.CULLED and row["final_stage"] == "CULLED" and row["rolled_back"]
     for restored, initial in zip(loop.model.parameters(), loop.plain.parameters(), strict=True):
         torch.testing.assert_close(restored, initial, rtol=0, atol=0)
-    assert len(loop.optimizer.param_groups) == 1 and not loop.optimizer.state
+    assert loop.only_host_in_optimizer() and not loop.optimizer.state
     x = loop.x_val[:16]
     assert torch.equal(loop.model(x), loop.plain(x))
     assert controller.stats()["rollbacks"] == 1 and controller.history[-1]["rolled_back"]
@@ -185,7 +203,7 @@ def test_a_rejected_kernel_culls_the_seed_and_reports_a_failed_outcome(make_loop
 
     loop.run_until(lambda: row["final_stage"] is not None, timeout=15)
     assert row["final_stage"] == "CULLED" and loop.stage in (Stage.CULLED, Stage.EMBARGOED)
-    assert len(loop.optimizer.param_groups) == 1 and controller.stats()["rejected"] == 1
+    assert loop.only_host_in_optimizer() and controller.stats()["rejected"] == 1
     loop.run_until(lambda: _rewarded(row["experience"]), timeout=15)
     experience = _rewarded(row["experience"])
     assert experience.outcome["failures"] == 1 and experience.outcome["contribution"] is None
@@ -204,7 +222,7 @@ def test_a_seed_the_model_culls_after_failures_is_reported_as_a_failed_outcome(m
 
     loop.run_until(lambda: row["final_stage"] is not None, timeout=10)
     assert row["final_stage"] == "CULLED" and not row["rolled_back"]
-    assert len(loop.optimizer.param_groups) == 1 and controller.stats()["rollbacks"] == 0
+    assert loop.only_host_in_optimizer() and controller.stats()["rollbacks"] == 0
     loop.run_until(lambda: _rewarded(row["experience"]), timeout=15)
     outcome = _rewarded(row["experience"]).outcome
     assert outcome["failures"] == 1 and outcome["contribution"] is None

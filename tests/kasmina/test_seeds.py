@@ -15,6 +15,10 @@ def _mlp():
     return nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 8))
 
 
+def _group_ids(optimizer):
+    return [{id(p) for p in group["params"]} for group in optimizer.param_groups]
+
+
 def _train_steps(model, optimizer, n=3, x=None):
     x = torch.randn(12, 16) if x is None else x
     for _ in range(n):
@@ -32,7 +36,8 @@ def test_a_training_seed_leaves_the_output_equal_to_the_host_and_learns(registry
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     assert model.load_kernel("0", 0, kernel_id, optimizer=optimizer) is Stage.TRAINING
     seed_params = model.seed_parameters("0", 0)
-    assert seed_params and len(optimizer.param_groups) == 2
+    # The seed joins the group of its host layer's parameters: no new param group.
+    assert seed_params and _group_ids(optimizer) == [{id(p) for p in model.parameters()}]
 
     x = torch.randn(12, 16)
     assert torch.equal(model(x), plain(x))
@@ -85,13 +90,68 @@ def test_culling_restores_the_host_output_exactly_then_embargo_then_dormant(regi
     assert not torch.equal(model(x), host_only)
     model.unload_kernel("0", 0, optimizer=optimizer)
     assert torch.equal(model(x), host_only)
-    assert len(optimizer.param_groups) == 1
+    assert _group_ids(optimizer) == [{id(p) for p in model.parameters()}]
+    assert not model.seed_parameters()
     stages = []
     for _ in range(5):
         model.step()
         stages.append(model.layer("0").stages[0])
     assert stages[0] is Stage.EMBARGOED and stages[-1] is Stage.DORMANT
     assert model.layer("0").kernel_ids[0] is None
+
+
+@pytest.mark.parametrize("schedule", ["lambda", "onecycle", "plateau"])
+def test_lr_schedulers_keep_working_and_seeds_train_at_the_scheduled_rate(
+    registry, compiled, schedule
+):
+    # LambdaLR and OneCycleLR keep one entry per param group from their construction and
+    # fail on a group added later; the seed joins its host's group, at its current rate.
+    kernel_id = compiled("residual-mlp-small", "residual", "features", 16, 32)
+    model = wrap(_mlp(), client=registry, blend_steps=2, embargo_steps=1)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.01, weight_decay=0.1)
+    if schedule == "lambda":
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 0.9**step)
+    elif schedule == "onecycle":
+        scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=0.05, total_steps=40)
+    else:
+        scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, patience=0)
+
+    def steps(n):
+        for _ in range(n):
+            _train_steps(model, optimizer, n=1)
+            scheduler.step(1.0) if schedule == "plateau" else scheduler.step()
+
+    steps(5)
+    rate = optimizer.param_groups[0]["lr"]
+    assert model.load_kernel("0", 0, kernel_id, optimizer=optimizer) is Stage.TRAINING
+    seed_params = model.seed_parameters("0", 0)
+    (group,) = optimizer.param_groups
+    assert group["lr"] == rate and group["weight_decay"] == 0.1
+    assert {id(p) for p in seed_params} <= {id(p) for p in group["params"]}
+    before = [p.detach().clone() for p in seed_params]
+    steps(5)
+    assert optimizer.param_groups[0]["lr"] != rate  # the schedule moved the seed's rate too
+    assert any(not torch.equal(a, b) for a, b in zip(before, seed_params, strict=True))
+    model.unload_kernel("0", 0, optimizer=optimizer)
+    steps(5)  # and goes on after the cull
+    assert _group_ids(optimizer) == [{id(p) for p in model.parameters()}]
+
+
+def test_a_frozen_hosts_seed_gets_a_group_of_its_own():
+    from kasmina._model import optimizer_add
+
+    frozen, trained = nn.Linear(4, 4), nn.Linear(4, 2)
+    optimizer = torch.optim.SGD(trained.parameters(), lr=0.1, momentum=0.9)
+    seed = nn.Linear(4, 4)
+    optimizer_add(optimizer, seed.parameters(), frozen)
+    assert _group_ids(optimizer) == [
+        {id(p) for p in trained.parameters()},
+        {id(p) for p in seed.parameters()},
+    ]
+    assert optimizer.param_groups[1]["lr"] == 0.1 and optimizer.param_groups[1]["momentum"] == 0.9
+    optimizer_add(optimizer, seed.parameters(), frozen)  # already in: nothing changes
+    optimizer_add(optimizer, seed.parameters(), trained)
+    assert [len(g) for g in _group_ids(optimizer)] == [2, 2]
 
 
 def test_parallel_graft_adds_alpha_times_seed_of_the_input(registry, compiled):
