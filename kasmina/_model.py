@@ -349,7 +349,7 @@ class MorphableModel(nn.Module):
             }
         )
         if optimizer is not None:
-            optimizer_add(optimizer, self.seed_parameters(layer.layer_name, idx), layer.host)
+            optimizer_add(optimizer, self.seed_parameters(layer.layer_name, idx), layer)
 
     def _fail(self, layer: SeedLayer, idx: int, reason: str) -> None:
         """A seed failed: host output in use; retried with backoff, culled after repeats."""
@@ -599,24 +599,29 @@ def _kernel_id(row: torch.Tensor) -> str:
 
 
 def optimizer_add(
-    optimizer: torch.optim.Optimizer, params: Iterable[nn.Parameter], host: nn.Module
+    optimizer: torch.optim.Optimizer, params: Iterable[nn.Parameter], layer: nn.Module
 ) -> None:
-    """Put `params` into the param group that holds `host`'s parameters.
+    """Put `params` (new seed parameters of `layer`) into the param group holding `layer`'s.
 
     They train with the host's current hyperparameters (a scheduled learning rate included),
     and the number of groups stays as it was: LR schedulers keep one entry per group
-    (`LambdaLR`, `OneCycleLR` and others fail on a group added after them). When none of
-    the host's parameters is in the optimizer (a frozen host), `params` get a new group
-    with the optimizer's defaults. Parameters already in the optimizer are left alone.
+    (`LambdaLR`, `OneCycleLR` and others fail on a group added after them). They go right
+    after the layer's last parameter in that group, so a group made from
+    `model.parameters()` keeps that order and an optimizer `state_dict` loads into one made
+    afresh from the restored model. When none of the layer's other parameters is in the
+    optimizer (a frozen host), `params` get a new group with the optimizer's defaults.
+    Parameters already in the optimizer are left alone.
     """
     present = {id(p) for group in optimizer.param_groups for p in group["params"]}
     params = [p for p in params if id(p) not in present]
     if not params:
         return
-    owned = {id(p) for p in host.parameters()}
+    new = {id(p) for p in params}
+    owned = {id(p) for p in layer.parameters()} - new
     for group in optimizer.param_groups:
-        if any(id(p) in owned for p in group["params"]):
-            group["params"].extend(params)
+        at = [i for i, p in enumerate(group["params"]) if id(p) in owned]
+        if at:
+            group["params"][at[-1] + 1 : at[-1] + 1] = params
             return
     optimizer.add_param_group({"params": params})
 

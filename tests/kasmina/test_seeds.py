@@ -137,6 +137,28 @@ def test_lr_schedulers_keep_working_and_seeds_train_at_the_scheduled_rate(
     assert _group_ids(optimizer) == [{id(p) for p in model.parameters()}]
 
 
+def test_seeds_join_the_group_in_model_order_so_optimizer_state_reloads(registry, compiled):
+    first = compiled("residual-mlp-small", "residual", "features", 32, 8)
+    second = compiled("residual-mlp-small", "residual", "features", 16, 32)
+    model = wrap(_mlp(), client=registry, seeds_per_layer=2)
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.01)
+    _train_steps(model, optimizer)
+    # Grafted out of forward order: the last layer first, then the first layer's seed 1, 0.
+    model.load_kernel("2", 0, first, optimizer=optimizer)
+    model.load_kernel("0", 1, second, optimizer=optimizer)
+    model.load_kernel("0", 0, second, optimizer=optimizer)
+    _train_steps(model, optimizer)
+    assert [id(p) for p in optimizer.param_groups[0]["params"]] == [
+        id(p) for p in model.parameters()
+    ]
+    # So a saved optimizer state loads into one made afresh from model.parameters().
+    fresh = torch.optim.Adam(model.parameters(), lr=0.01)
+    fresh.load_state_dict(optimizer.state_dict())
+    for p in model.parameters():
+        assert fresh.state[p]["exp_avg"].shape == p.shape
+    _train_steps(model, fresh)
+
+
 def test_a_frozen_hosts_seed_gets_a_group_of_its_own():
     from kasmina._model import optimizer_add
 
