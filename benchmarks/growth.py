@@ -18,7 +18,9 @@ trains with the same plain loop (Adam, lr 3e-3, batch 32, 40 epochs) and seeds:
   grown_gnn          small MLP + Controller with policy "gnn", after `--gnn-rounds` (3)
                      rounds of the learning loop: each trains a policy version
                      (POST /policies/train/) on every experience recorded so far (the
-                     heuristic and random runs, then the GNN's own earlier rounds) and runs
+                     heuristic and random runs, any `--explore-runs N` more random-policy
+                     runs with other init seeds on the same splits, kept out of the table,
+                     then the GNN's own earlier rounds) and runs
                      the seeds with it; the row is the last round, and the JSON has every
                      round. With `--gnn trained` (default) each version is pinned
                      (POST /policies/{v}/activate/) for its round even when the training
@@ -90,6 +92,7 @@ VARIANTS = (
 # The knobs (tuned on the validation split); the growth knobs are `Growth`'s defaults.
 EPOCHS, LR, BATCH = 40, 3e-3, 32
 FRONTIER_WIDTHS = (10, 12, 14, 15, 16, 24)  # static widths between small (8) and large (32)
+EXPLORE_RUNS, EXPLORE_SEED = 0, 1000  # extra random-policy runs for the first policy version
 
 
 def mean(values):
@@ -307,9 +310,18 @@ def main() -> None:
         default=3,
         help="rounds of train-then-run for grown_gnn; the row reports the last (default 3)",
     )
+    parser.add_argument(
+        "--explore-runs",
+        type=int,
+        default=EXPLORE_RUNS,
+        help="extra random-policy runs, not in the table, whose experiences the first policy "
+        f"version also trains on (default {EXPLORE_RUNS}; 0 for none)",
+    )
     args = parser.parse_args()
     if args.gnn_rounds < 1:
         parser.error("--gnn-rounds must be at least 1")
+    if args.explore_runs < 0:
+        parser.error("--explore-runs must be at least 0")
     logging.basicConfig(level=logging.ERROR)
     torch.set_num_threads(1)
     started = time.monotonic()
@@ -327,7 +339,7 @@ def main() -> None:
     results: dict[str, list[RunResult]] = {v: [] for v in VARIANTS}
     results.update({f"static_h{w}": [] for w in FRONTIER_WIDTHS})
     gnn_variants = [f"grown_gnn_round{r + 1}" for r in range(args.gnn_rounds - 1)] + ["grown_gnn"]
-    results.update({v: [] for v in gnn_variants[:-1]})
+    results.update({v: [] for v in gnn_variants[:-1]}, exploration=[])
     server_env = {"TAMIYO_TRAIN_EVERY": "0", "TAMIYO_TRAIN_SCHEDULE_S": "0"}  # train on cue
 
     with EmbeddedServer(env=server_env, staff=True) as server:
@@ -336,16 +348,19 @@ def main() -> None:
         warm = warm_registry(client, sites)
         warm_s = time.monotonic() - t0
         bar = tqdm(
-            total=(len(VARIANTS) + len(FRONTIER_WIDTHS) + args.gnn_rounds - 1) * len(seeds),
+            total=(len(VARIANTS) + len(FRONTIER_WIDTHS) + args.gnn_rounds - 1) * len(seeds)
+            + args.explore_runs,
             desc="growth",
             unit="run",
         )
 
-        def run(variant: str, seed: int, hidden: int, growth: Growth | None) -> None:
+        def run(
+            variant: str, seed: int, hidden: int, growth: Growth | None, split: int | None = None
+        ) -> None:
             bar.set_postfix_str(f"{variant} seed {seed}")
             results[variant].append(
                 train(
-                    datasets[seed],
+                    datasets[seed if split is None else split],
                     hidden=hidden,
                     variant=variant,
                     epochs=args.epochs,
@@ -373,6 +388,10 @@ def main() -> None:
         for seed in seeds:
             growth = Growth(all_at_once=True, blueprint=all_at_once_blueprint, param_budget=budget)
             run("grow_all_at_once", seed, SMALL_HIDDEN, growth)
+
+        for i in range(args.explore_runs):  # more of the action space for the first version
+            growth = Growth(policy="random", param_budget=budget)
+            run("exploration", EXPLORE_SEED + i, SMALL_HIDDEN, growth, split=seeds[i % len(seeds)])
 
         previous = active_policy(client)
         rounds: list[dict] = []
@@ -449,6 +468,9 @@ def main() -> None:
         "targets": targets,
         "policy_training": policy_training,
         "gnn_rounds": rounds,
+        "exploration": {"runs": args.explore_runs, **round_summary(results["exploration"])}
+        if results["exploration"]
+        else {"runs": 0},
         "grown_gnn_decided_by": gnn_decided,
         "grown_gnn_active_policy_at_start": by_name["grown_gnn"]["active_policy_at_start"],
         "all_at_once_blueprint": all_at_once_blueprint,
@@ -507,6 +529,12 @@ def main() -> None:
         print(
             f"{v} - grown_random: {t['diff_pts_mean']:+.2f} ± {t['diff_pts_sem']:.2f} pts "
             f"(paired, won {t['seeds_won']}/{t['seeds']} seeds)"
+        )
+    if results["exploration"]:
+        e = payload["exploration"]
+        print(
+            f"exploration: {e['runs']} random-policy runs, {e['acc_mean']:.2f} %, "
+            f"{e['grafts']} grafts ({e['bridges']} bridges)"
         )
     for number, r in enumerate(rounds, start=1):
         print(
