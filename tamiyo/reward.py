@@ -8,25 +8,17 @@ failures, rolled_back``)::
 
     x = contribution
         − λ_params   · params_added / param_budget      (λ_params = 0.005; 0 when no budget)
-        − attempt_cost                                    (attempt_cost = 0.005)
         − λ_fail     · failures                           (λ_fail = 0.01 per failure)
         − λ_rollback · rolled_back                        (λ_rollback = 0.05)
     reward = tanh(scale · x)                              (scale = 20)
 
 ``contribution`` is the counterfactual gain (metric with the seed − without it); null when
 the seed never reached probation, which counts as 0. So a seed worth +2 points that used
-10% of the budget earns tanh(20 · (0.02 − 0.0005 − 0.005)) = tanh(0.29) ≈ 0.282. The budget
-itself bounds growth (the server offers no kernel over what is left of it); the parameter
-term only tilts the choice toward smaller kernels: spending the whole budget must buy half a
+10% of the budget earns tanh(20 · (0.02 − 0.0005)) = tanh(0.39) ≈ 0.371. The budget itself
+bounds growth (the server offers no kernel over what is left of it); the parameter term
+only tilts the choice toward smaller kernels: spending the whole budget must buy half a
 point. (At 0.05 it had to buy five, more than a too-small MLP's whole gap to one 4× wider
 on digits, so a policy trained on those rewards learned to wait every time.)
-
-Every germination pays ``attempt_cost``, half a point: a compile, the layer busy through
-training, blending and probation, the extra compute. A seed that buys nothing (culled at
-contribution 0) earns tanh(−0.1) ≈ −0.10, below waiting through a plateau (≈ −0.04), so
-"graft anything" is never a free action. Without it a culled no-op earned 0, more than the
-wait, and a policy trained on those rewards grafted whatever fitted once training flattened,
-spending the budget on seeds that bought nothing.
 
 WAIT (outcome ``metric_before, metric_after`` over the same window)::
 
@@ -67,7 +59,6 @@ class RewardWeights:
 
     scale: float = 20.0
     lambda_params: float = 0.005
-    attempt_cost: float = 0.005
     lambda_fail: float = 0.01
     lambda_rollback: float = 0.05
     scale_wait: float = 20.0
@@ -146,7 +137,6 @@ def compute_reward(
     x = (
         contribution
         - (weights.lambda_params * params / param_budget if param_budget else 0.0)
-        - weights.attempt_cost
         - weights.lambda_fail * _count(o, "failures")
         - weights.lambda_rollback * float(o["rolled_back"])
     )

@@ -237,7 +237,7 @@ def test_an_outcome_gets_a_reward_once(api_client, run, health, catalogue):
             "failures": 0,
             "rolled_back": False,
         }
-        expected = math.tanh(20 * (0.02 - 0.005 * 1000 / 10000 - 0.005))  # attempt cost
+        expected = math.tanh(20 * (0.02 - 0.005 * 1000 / 10000))
     else:
         outcome = {"metric_before": 0.70, "metric_after": 0.71}
         expected = math.tanh(20 * 0.01)

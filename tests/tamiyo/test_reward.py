@@ -20,44 +20,33 @@ def germinate(**over) -> dict:
 
 
 def test_fossilized_seed_worth_two_points_using_a_tenth_of_the_budget():
-    # x = 0.02 − 0.005 · 1000 / 10000 − 0.005 (attempt) = 0.0145; tanh(20 · 0.0145)
+    # x = 0.02 − 0.005 · 1000 / 10000 = 0.0195; tanh(20 · 0.0195) = tanh(0.39)
     reward = compute_reward(germinate(), action="germinate", param_budget=10_000)
-    assert_close(reward, math.tanh(0.29))
-    assert_close(reward, 0.28213481266963414)
+    assert_close(reward, 0.3713602278765077)
 
 
-def test_a_seed_worth_a_point_for_the_whole_budget_breaks_even():
-    # the whole budget (0.005) plus the attempt (0.005): x = 0.012 − 0.01 > 0; 0.009 − 0.01 < 0
-    whole = {"params_added": 600, "contribution": 0.012}
+def test_a_seed_worth_a_point_for_the_whole_budget_is_rewarded_and_one_worth_less_is_not():
+    # break-even: the whole budget for half a point (x = 0.01 − 0.005 > 0; 0.004 − 0.005 < 0)
+    whole = {"params_added": 600, "contribution": 0.01}
     assert compute_reward(germinate(**whole), action="germinate", param_budget=600) > 0
-    less = {"params_added": 600, "contribution": 0.009}
+    less = {"params_added": 600, "contribution": 0.004}
     assert compute_reward(germinate(**less), action="germinate", param_budget=600) < 0
 
 
 def test_failures_and_rollback_are_charged():
-    # x = 0.05 − 0.005 − 0.01 · 2 − 0.05 = −0.025; tanh(−0.5)
+    # x = 0.05 − 0.01 · 2 − 0.05 = −0.02; tanh(−0.4)
     outcome = germinate(contribution=0.05, params_added=0, failures=2, rolled_back=True)
-    assert_close(compute_reward(outcome, action="germinate"), math.tanh(-0.5))
+    assert_close(compute_reward(outcome, action="germinate"), -0.3799489622552249)
 
 
 def test_without_a_budget_parameters_are_not_charged():
-    # x = 0.01 − 0.005 (attempt); tanh(0.1)
     outcome = germinate(contribution=0.01, params_added=10**9)
-    assert_close(compute_reward(outcome, action="germinate"), math.tanh(0.1))
+    assert_close(compute_reward(outcome, action="germinate"), 0.197375320224904)
 
 
 def test_a_seed_that_never_reached_probation_counts_zero_contribution():
-    # x = 0 − 0.005 − 0.01; tanh(−0.3)
     outcome = germinate(final_stage="CULLED", contribution=None, failures=1, params_added=0)
-    assert_close(compute_reward(outcome, action="germinate", param_budget=100), math.tanh(-0.3))
-
-
-def test_a_seed_that_buys_nothing_scores_below_waiting_through_a_plateau():
-    culled = germinate(final_stage="CULLED", contribution=0.0, params_added=0)
-    nothing = compute_reward(culled, action="germinate", param_budget=600)
-    flat = compute_reward({"metric_before": 0.9, "metric_after": 0.9}, action="wait")
-    assert_close(nothing, math.tanh(-0.1))
-    assert nothing < flat < 0
+    assert_close(compute_reward(outcome, action="germinate", param_budget=100), -0.197375320224904)
 
 
 def test_wait_is_judged_by_the_metric_change():
@@ -74,7 +63,7 @@ def test_waiting_through_a_flat_stretch_costs_a_little():
 def test_custom_weights_change_the_formula():
     weights = RewardWeights(scale=1.0, lambda_params=1.0)
     reward = compute_reward(germinate(), action="germinate", param_budget=1000, weights=weights)
-    assert_close(reward, math.tanh(0.02 - 1.0 - 0.005))
+    assert_close(reward, math.tanh(0.02 - 1.0))
 
 
 def test_reward_stays_in_the_unit_interval():
