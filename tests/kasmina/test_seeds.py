@@ -159,6 +159,27 @@ def test_seeds_join_the_group_in_model_order_so_optimizer_state_reloads(registry
     _train_steps(model, fresh)
 
 
+def test_grafted_seeds_train_under_autocast(registry, compiled):
+    kernel_id = compiled("residual-mlp-small", "residual", "features", 16, 32)
+    model = wrap(_mlp(), client=registry, blend_steps=2)
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.01)
+    model.load_kernel("0", 0, kernel_id, optimizer=optimizer)
+    seed_params = model.seed_parameters("0", 0)
+    before = [p.detach().clone() for p in seed_params]
+    for stage in (Stage.TRAINING, Stage.BLENDING):
+        if stage is Stage.BLENDING:
+            model.advance("0", 0, stage)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = model(torch.randn(4, 16))
+        assert out.dtype == torch.bfloat16 and out.isfinite().all()
+        optimizer.zero_grad()
+        out.float().pow(2).mean().backward()
+        assert all(p.grad is not None and p.grad.isfinite().all() for p in seed_params)
+        optimizer.step()
+        model.step()
+    assert any(not torch.equal(a, b) for a, b in zip(before, seed_params, strict=True))
+
+
 def test_a_frozen_hosts_seed_gets_a_group_of_its_own():
     from kasmina._model import optimizer_add
 
