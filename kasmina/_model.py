@@ -618,19 +618,30 @@ def optimizer_add(
         return
     new = {id(p) for p in params}
     owned = {id(p) for p in layer.parameters()} - new
+    _flat_history_stale(optimizer)
     for group in optimizer.param_groups:
         at = [i for i, p in enumerate(group["params"]) if id(p) in owned]
         if at:
-            group["params"][at[-1] + 1 : at[-1] + 1] = params
+            group["params"][at[-1] + 1 : at[-1] + 1] = params  # in place: LBFGS holds the list
             return
     optimizer.add_param_group({"params": params})
+
+
+def _flat_history_stale(optimizer: torch.optim.Optimizer) -> None:
+    """L-BFGS keeps one curvature history over all its parameters flattened together; once
+    parameters come or go that history has the wrong length, so it starts afresh."""
+    if isinstance(optimizer, torch.optim.LBFGS):
+        optimizer.state.clear()
+        optimizer._numel_cache = None  # its cached parameter count (recomputed when None)
 
 
 def optimizer_remove(optimizer: torch.optim.Optimizer, params: Iterable[nn.Parameter]) -> None:
     """Take `params` and their state out of `optimizer`; groups left empty are dropped."""
     drop = {id(p) for p in params}
+    if any(id(p) in drop for group in optimizer.param_groups for p in group["params"]):
+        _flat_history_stale(optimizer)
     for group in optimizer.param_groups:
-        group["params"] = [p for p in group["params"] if id(p) not in drop]
+        group["params"][:] = [p for p in group["params"] if id(p) not in drop]  # in place
     for p in list(optimizer.state):
         if id(p) in drop:
             del optimizer.state[p]

@@ -180,6 +180,30 @@ def test_grafted_seeds_train_under_autocast(registry, compiled):
     assert any(not torch.equal(a, b) for a, b in zip(before, seed_params, strict=True))
 
 
+def test_lbfgs_trains_seeds_that_come_and_go(registry, compiled):
+    # L-BFGS has one param group and one history over all parameters flattened.
+    kernel_id = compiled("residual-mlp-small", "residual", "features", 16, 32)
+    model = wrap(_mlp(), client=registry)
+    optimizer = torch.optim.LBFGS(model.parameters(), lr=0.5, max_iter=3)
+    x = torch.randn(12, 16)
+
+    def closure():
+        optimizer.zero_grad()
+        loss = model(x).pow(2).mean()
+        loss.backward()
+        return loss
+
+    optimizer.step(closure)
+    model.load_kernel("0", 0, kernel_id, optimizer=optimizer)
+    seed_params = model.seed_parameters("0", 0)
+    before = [p.detach().clone() for p in seed_params]
+    optimizer.step(closure)  # a stale history of the wrong length would raise here
+    assert any(not torch.equal(a, b) for a, b in zip(before, seed_params, strict=True))
+    model.unload_kernel("0", 0, optimizer=optimizer)
+    optimizer.step(closure)
+    assert _group_ids(optimizer) == [{id(p) for p in model.parameters()}]
+
+
 def test_a_frozen_hosts_seed_gets_a_group_of_its_own():
     from kasmina._model import optimizer_add
 
