@@ -251,13 +251,16 @@ class GNNPolicy(nn.Module):
         actions: Sequence[Mapping],
         *,
         fits: Sequence[Tensor | None] | None = None,
-    ) -> tuple[Tensor, Tensor, Tensor]:
+        full: bool = False,
+    ) -> tuple[Tensor, ...]:
         """(log π(action), entropy, value) per graph, differentiable; illegal actions get -inf.
 
         ``datas`` is a list of graphs or a PyG `Batch`; ``blueprints`` one catalogue per graph
         or a single catalogue shared by all; ``fits`` an optional feasibility mask per graph.
         Vectorised over the batch: a segment log-softmax over each graph's ``[wait] + legal
-        pairs``, the same as `distribution().log_prob`.
+        pairs``, the same as `distribution().log_prob`. With ``full``, also every legal
+        action's log-probability and its graph index, laid out as every graph's WAIT first,
+        then each graph's legal (node, blueprint) pairs in row-major order.
         """
         if isinstance(datas, Batch):
             datas = datas.to_data_list()
@@ -288,6 +291,8 @@ class GNNPolicy(nn.Module):
                 chosen.append(-1)
             start += len(legal)
         padded = torch.cat([logp, logp.new_tensor([-math.inf])])
+        if full:
+            return padded[torch.tensor(chosen)], entropy, s.value, logp, seg
         return padded[torch.tensor(chosen)], entropy, s.value
 
     def save_safetensors(self) -> bytes:

@@ -16,6 +16,7 @@ Objective, per experience with behaviour log-prob b, reward R and value V(s)::
     ratio = exp(logπ − logπ_old)
     L_pg  = −ρ · min(ratio · A, clip(ratio, 1 − ε, 1 + ε) · A)        (ε = 0.2)
     L     = L_pg + value_coef · (V(s) − R)² − entropy_coef · H(π(·|s))
+                 + prior_coef · KL(π_heuristic(·|s) ‖ π(·|s))                (prior_coef = 0.1)
 
 The importance ratio π/b = ρ · ratio is split at an anchor π_old: the policy's own
 log-prob of that experience when it was last visited (one epoch earlier). Clipping the
@@ -24,6 +25,14 @@ whole π/b (plain PPO against the behaviour policy) would pin the learned policy
 the anchor keeps PPO's trust region per epoch while still letting the policy move far
 from the behaviour policy over epochs, with the truncated ρ correcting for who chose the
 action.
+
+The last term keeps the policy near Tamiyo's heuristic (the cold-start policy: wait for a
+plateau, then bridges first, the largest kernel that fits) on every training state, so it
+departs from the heuristic only where the rewards pull harder than the prior; the
+heuristic's own sampling temperature keeps that prior soft. Without it, a version learnt
+from a few dozen grafts picked blueprints almost uniformly, and which ones it favoured
+followed whichever actions the random runs had happened to try: over five growth
+benchmark runs the GNN ended anywhere from 94.44 to 96.83 %.
 
 Evaluation (`evaluate_policy`) is self-normalised importance sampling over experiences:
 ``score = Σ w_i R_i / Σ w_i`` with ``w_i = clip(π(a_i|s_i) / b(a_i|s_i), 0, max_weight)``:
@@ -45,7 +54,7 @@ from torch import Tensor
 from torch_geometric.data import Data
 
 from tamiyo.graph import GraphError, to_data
-from tamiyo.policy import GNNPolicy, Policy, action_mask, validate_blueprints
+from tamiyo.policy import GNNPolicy, HeuristicPolicy, Policy, action_mask, validate_blueprints
 
 __all__ = [
     "DEFAULT_EPOCHS",
@@ -59,6 +68,7 @@ logger = logging.getLogger(__name__)
 
 MIN_EXPERIENCES = 32
 DEFAULT_EPOCHS = 30
+PRIOR_COEF = 0.1
 
 
 @dataclass
@@ -80,6 +90,7 @@ class _Sample:
     behavior_logprob: float
     reward: float
     fits: Tensor | None = None
+    prior: Tensor | None = None  # heuristic log-probs: [wait] + legal pairs, row-major
 
 
 def _action(raw: object, where: str) -> dict:
@@ -163,13 +174,33 @@ def _is_legal(sample: _Sample, one_per_layer: bool) -> bool:
     return False
 
 
-def _evaluate(model: GNNPolicy, samples: Sequence[_Sample]) -> tuple[torch.Tensor, ...]:
+def _evaluate(
+    model: GNNPolicy, samples: Sequence[_Sample], *, full: bool = False
+) -> tuple[torch.Tensor, ...]:
     return model.evaluate(
         [s.data for s in samples],
         [s.blueprints for s in samples],
         [s.action for s in samples],
         fits=[s.fits for s in samples],
+        full=full,
     )
+
+
+def _with_prior(samples: Sequence[_Sample], one_per_layer: bool) -> None:
+    """Attach the heuristic policy's log-probabilities over each sample's legal actions."""
+    heuristic = HeuristicPolicy(one_per_layer=one_per_layer)
+    for s in samples:
+        mask = action_mask(s.data, s.blueprints, one_per_layer=one_per_layer, fits=s.fits)
+        logp = heuristic.distribution(s.data, s.blueprints, fits=s.fits).log_probs()
+        s.prior = torch.cat([logp[:1], logp[1:][mask.flatten()]])
+
+
+def _prior_kl(samples: Sequence[_Sample], logp: torch.Tensor, seg: torch.Tensor) -> torch.Tensor:
+    """Mean over graphs of KL(heuristic ‖ π) from `evaluate(full=True)`'s layout."""
+    prior = torch.cat([torch.stack([s.prior[0] for s in samples])] + [s.prior[1:] for s in samples])
+    p = prior.exp()
+    terms = torch.where(p > 0, p * (prior - logp), torch.zeros_like(logp))
+    return torch.zeros(len(samples)).index_add(0, seg, terms).mean()
 
 
 def _logprobs(policy: Policy, samples: Sequence[_Sample], *, greedy: bool) -> list[float]:
@@ -233,8 +264,12 @@ def _loss(
     max_weight: float,
     value_coef: float,
     entropy_coef: float,
+    prior_coef: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    logp, entropy, value = _evaluate(model, samples)
+    if prior_coef > 0:
+        logp, entropy, value, every, seg = _evaluate(model, samples, full=True)
+    else:
+        logp, entropy, value = _evaluate(model, samples)
     old = torch.where(torch.isnan(anchor), logp.detach(), anchor)
     behavior = torch.tensor([s.behavior_logprob for s in samples])
     reward = torch.tensor([s.reward for s in samples])
@@ -243,6 +278,8 @@ def _loss(
     adv = reward - value.detach()
     pg = -(rho * torch.min(ratio * adv, ratio.clamp(1 - clip_eps, 1 + clip_eps) * adv)).mean()
     loss = pg + value_coef * F.mse_loss(value, reward) - entropy_coef * entropy.mean()
+    if prior_coef > 0:
+        loss = loss + prior_coef * _prior_kl(samples, every, seg)
     return loss, logp.detach()
 
 
@@ -261,6 +298,7 @@ def train_policy(
     clip_eps: float = 0.2,
     value_coef: float = 0.5,
     entropy_coef: float = 0.01,
+    prior_coef: float = PRIOR_COEF,
     max_weight: float = 10.0,
     heldout_fraction: float = 0.2,
     threads: int | None = 1,
@@ -271,6 +309,8 @@ def train_policy(
     count are left as they were. Graphs are small, so the work is overhead-bound and one
     intra-op thread is fastest; None keeps torch's current setting.
     """
+    if not (math.isfinite(prior_coef) and prior_coef >= 0):
+        raise ValueError(f"prior_coef must be finite and >= 0, got {prior_coef}")
     if not 0.0 <= heldout_fraction < 1.0:
         raise ValueError(f"heldout_fraction must be in [0, 1), got {heldout_fraction}")
     if epochs < 0 or batch_size < 1:
@@ -292,6 +332,7 @@ def train_policy(
                 "max_weight": max_weight,
                 "value_coef": value_coef,
                 "entropy_coef": entropy_coef,
+                "prior_coef": prior_coef,
             },
         )
     finally:
@@ -329,6 +370,8 @@ def _train(
         pool = [samples[i] for i in sorted(perm[n_held:])]
         train = [s for s in pool if _is_legal(s, one_per_layer)]
         held_legal = [s for s in held if _is_legal(s, one_per_layer)]
+        if opts["prior_coef"] > 0:
+            _with_prior(train + held_legal, one_per_layer)
         if not train:
             raise ValueError(
                 "no training experience has an action that is legal under the policy's action "
