@@ -581,9 +581,7 @@ class Controller:
             adaptation.params = []
         if stage is Stage.TRAINING and not adaptation.params:
             adaptation.params = self.model.seed_parameters(adaptation.layer, adaptation.seed)
-            optimizer_add(
-                self.optimizer, adaptation.params, self.model.layer(adaptation.layer).host
-            )
+            optimizer_add(self.optimizer, adaptation.params, self.model.layer(adaptation.layer))
             row = adaptation.row
             if row["decision_to_training_s"] is None:
                 row["decision_to_training_s"] = time.monotonic() - adaptation.asked.at
