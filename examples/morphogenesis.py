@@ -182,7 +182,8 @@ def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
     was_training = model.training
     model.eval()
     try:
-        return float((model(x).argmax(1) == y).float().mean())
+        # counted in Python, not as a float32 mean, so equal counts give equal accuracies
+        return int((model(x).argmax(1) == y).sum()) / len(y)
     finally:
         model.train(was_training)
 

@@ -56,3 +56,20 @@ def test_a_round_summary_counts_grafts_bridges_and_first_graft_steps():
     assert summary["first_graft_steps"] == [30, 30, None]
     assert summary["acc_mean"] == pytest.approx(80.0)
     assert summary["decided_by"] == {"gnn": 4}
+
+
+def test_the_half_params_target_counts_a_gap_of_exactly_half_a_point_as_within():
+    n = 360  # digits test split: accuracies are counts over 360
+    large = growth.summarise("static_large", _runs([c / n for c in (350, 349, 350, 349, 349)]))
+    large["params"] = 2410
+    # 9 fewer correct predictions over the five seeds: exactly 0.5 points below
+    grown = growth.summarise("grown", _runs([c / n for c in (348, 347, 348, 347, 348)]))
+    verdict = growth.half_params_verdict({**grown, "params": 1202}, large)
+    assert verdict == {
+        "acc_gap_to_large_pts": 0.5,
+        "params_ratio_to_large": 1202 / 2410,
+        "met": True,
+    }
+    one_more_miss = growth.summarise("grown", _runs([c / n for c in (348, 347, 348, 347, 347)]))
+    assert not growth.half_params_verdict({**one_more_miss, "params": 1202}, large)["met"]
+    assert not growth.half_params_verdict({**large, "params": 1206}, large)["met"]

@@ -186,11 +186,13 @@ def test_heuristic_grows_at_the_plateau_where_gradients_are_high_with_the_larges
     d = policy.decide(plateau, CATALOGUE, rng=rng, greedy=True)
     assert (d.action, d.layer, d.seed, d.blueprint_index) == ("germinate", "1", 0, 0)
     assert d.logprob < 0  # a softmax with temperature: the logprob is exact, not 0
-    falling = to_data(make_doc(layers, loss_trend=-0.05))
+    falling = to_data(make_doc(layers, loss_trend=-0.2))  # still in the steep first descent
     d = policy.decide(falling, CATALOGUE, rng=rng)
     assert (d.action, d.logprob) == ("wait", 0.0)
     strict = HeuristicPolicy(temperature=0.0).decide(plateau, CATALOGUE, rng=rng)
     assert (strict.layer, strict.blueprint_index, strict.logprob) == ("1", 0, 0.0)
+    slowing = to_data(make_doc(layers, loss_trend=-0.08))  # falling, but no longer steeply
+    assert HeuristicPolicy(temperature=0.0).decide(slowing, CATALOGUE, rng=rng).layer == "1"
 
 
 def test_save_and_load_give_identical_logits():
