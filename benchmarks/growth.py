@@ -162,7 +162,11 @@ def half_params_verdict(row: dict, large: dict) -> dict:
     seeds) is not lost to float rounding in the means."""
     gap = round(large["acc_mean"] - row["acc_mean"], 6)
     ratio = row["params"] / large["params"]
-    return {"acc_gap_to_large_pts": gap, "params_ratio_to_large": ratio, "met": gap <= 0.5 and ratio <= 0.5}
+    return {
+        "acc_gap_to_large_pts": gap,
+        "params_ratio_to_large": ratio,
+        "met": gap <= 0.5 and ratio <= 0.5,
+    }
 
 
 def paired(runs: list[RunResult], baseline: list[RunResult]) -> dict:
