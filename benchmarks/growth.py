@@ -20,15 +20,20 @@ trains with the same plain loop (Adam, lr 3e-3, batch 32, 40 epochs) and seeds:
                      (POST /policies/train/) on every experience recorded so far (the
                      heuristic and random runs, any `--explore-runs N` more random-policy
                      runs with other init seeds on the same splits, kept out of the table,
-                     then the GNN's own earlier rounds) and runs
-                     the seeds with it; the row is the last round, and the JSON has every
-                     round. With `--gnn trained` (default) each version is pinned
+                     then the GNN's own earlier rounds) and runs the seeds with it; the
+                     row is the last round, and the JSON has every round. The learning
+                     rounds sample from the policy (exploration); the last one takes its
+                     most likely action (`--final-round greedy`, the default; `sample`
+                     samples there too). With `--gnn trained` (default) each version is pinned
                      (POST /policies/{v}/activate/) for its round even when the training
                      job kept it inactive (its held-out score was worse than the current
                      policy's), so the row measures the trained GNN; on a served deployment
                      the previously active version is restored afterwards. With
                      `--gnn active` the server's own choice decides (the heuristic when no
                      version is active). The JSON says which policy decided.
+  grown_heuristic_greedy  (an extra row) the heuristic taking its top-scored action instead
+                     of sampling at temperature 0.25, run after the GNN rounds so that
+                     none of its experiences is trained on: grown_gnn's like-for-like row
 
 A static frontier (the same loop for widths between small and large: 10, 12, 14, 15, 16 and
 24) shows what the first target asks for: how accurate a model of a given size gets when it
@@ -330,6 +335,13 @@ def main() -> None:
         help="rounds of train-then-run for grown_gnn; the row reports the last (default 3)",
     )
     parser.add_argument(
+        "--final-round",
+        choices=("greedy", "sample"),
+        default="greedy",
+        help="how the last round (the grown_gnn row) decides: the policy's most likely action "
+        "(greedy, default) or a sample like the learning rounds before it",
+    )
+    parser.add_argument(
         "--explore-runs",
         type=int,
         default=EXPLORE_RUNS,
@@ -358,7 +370,7 @@ def main() -> None:
     results: dict[str, list[RunResult]] = {v: [] for v in VARIANTS}
     results.update({f"static_h{w}": [] for w in FRONTIER_WIDTHS})
     gnn_variants = [f"grown_gnn_round{r + 1}" for r in range(args.gnn_rounds - 1)] + ["grown_gnn"]
-    results.update({v: [] for v in gnn_variants[:-1]}, exploration=[])
+    results.update({v: [] for v in gnn_variants[:-1]}, exploration=[], grown_heuristic_greedy=[])
     server_env = {"TAMIYO_TRAIN_EVERY": "0", "TAMIYO_TRAIN_SCHEDULE_S": "0"}  # train on cue
 
     with EmbeddedServer(env=server_env, staff=True) as server:
@@ -367,7 +379,7 @@ def main() -> None:
         warm = warm_registry(client, sites)
         warm_s = time.monotonic() - t0
         bar = tqdm(
-            total=(len(VARIANTS) + len(FRONTIER_WIDTHS) + args.gnn_rounds - 1) * len(seeds)
+            total=(len(VARIANTS) + 1 + len(FRONTIER_WIDTHS) + args.gnn_rounds - 1) * len(seeds)
             + args.explore_runs,
             desc="growth",
             unit="run",
@@ -420,18 +432,25 @@ def main() -> None:
             if training["version"] is None and number < len(gnn_variants):
                 bar.update((len(gnn_variants) - number) * len(seeds))
                 variant = "grown_gnn"  # too few experiences: one round with the server's choice
+            greedy = variant == "grown_gnn" and args.final_round == "greedy"
             for seed in seeds:
-                run(variant, seed, SMALL_HIDDEN, Growth(policy="gnn", param_budget=budget))
-            rounds.append({**training, **round_summary(results[variant])})
+                growth = Growth(policy="gnn", greedy=greedy, param_budget=budget)
+                run(variant, seed, SMALL_HIDDEN, growth)
+            rounds.append({**training, **round_summary(results[variant]), "greedy": greedy})
             if variant == "grown_gnn":
                 break
+        # The heuristic deciding greedily too, after the rounds so that its experiences are
+        # not in what the policy versions trained on: the like-for-like row for grown_gnn.
+        for seed in seeds:
+            growth = Growth(policy="heuristic", greedy=True, param_budget=budget)
+            run("grown_heuristic_greedy", seed, SMALL_HIDDEN, growth)
         policy_training = rounds[-1]
         if any(r["pinned"] for r in rounds) and previous is not None and not server.started:
             activate_policy(client, previous["version"])  # leave a deployment as it was
         bar.close()
         served = not server.started
 
-    rows = [summarise(v, results[v]) for v in VARIANTS]
+    rows = [summarise(v, results[v]) for v in (*VARIANTS, "grown_heuristic_greedy")]
     frontier = [
         {
             "hidden": w,
@@ -442,7 +461,8 @@ def main() -> None:
         for w in FRONTIER_WIDTHS
     ]
     by_name = {r["variant"]: r for r in rows}
-    grown_runs = [r for v in ("grown_heuristic", "grown_random", *gnn_variants) for r in results[v]]
+    grown = ("grown_heuristic", "grown_random", *gnn_variants, "grown_heuristic_greedy")
+    grown_runs = [r for v in grown for r in results[v]]
     cycles = [c for r in grown_runs for c in r.cycle_s]
     step_max = [r.max_step_s for r in grown_runs if r.max_step_s is not None]
 
@@ -452,10 +472,11 @@ def main() -> None:
     targets = {
         "grown_within_0.5_pts_of_large_at_half_params": {
             v: half_params_verdict(by_name[v], by_name["static_large"])
-            for v in ("grown_gnn", "grown_heuristic", "grown_random")
+            for v in ("grown_gnn", "grown_heuristic", "grown_heuristic_greedy", "grown_random")
         },
         "guided_beats_random": {
-            v: paired(results[v], results["grown_random"]) for v in ("grown_gnn", "grown_heuristic")
+            v: paired(results[v], results["grown_random"])
+            for v in ("grown_gnn", "grown_heuristic", "grown_heuristic_greedy")
         },
         "cycle_s_median_under_5": bool(cycles) and statistics.median(cycles) < 5.0,
         # The first target against models trained from scratch at that size: the best

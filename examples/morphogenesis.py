@@ -342,6 +342,7 @@ class Growth:
     """
 
     policy: str | None = "gnn"
+    greedy: bool = False  # the policy's most likely action instead of a sample
     all_at_once: bool = False
     blueprint: str = "lowrank-adapter"
     seeds_per_layer: int = 2  # each Linear layer hosts two seeds
@@ -541,6 +542,7 @@ def train(
                 eval_fn=lambda: accuracy(model, data.x_val, data.y_val),
                 param_budget=growth.param_budget,
                 policy=growth.policy,
+                greedy=growth.greedy,
                 spike_factor=growth.spike_factor,
                 poll_interval=growth.poll_interval,
             )

@@ -117,7 +117,10 @@ class Controller:
     and contributions are not measured (a seed is kept if the loss did not get worse).
     `param_budget` bounds the parameters growth may add: the server offers only kernels
     that fit what is left of it. The default "model" is the model's own parameter count
-    (growth at most doubles it); None means no limit beyond the compiler's.
+    (growth at most doubles it); None means no limit beyond the compiler's. `policy` names
+    a server policy ("gnn", "heuristic", "random"; None: the server's active one), and
+    `greedy=True` asks it for its most likely action instead of a sample: no exploration,
+    for a run that wants the policy's best guess rather than experiences to learn from.
     """
 
     def __init__(
@@ -134,6 +137,7 @@ class Controller:
         eval_fn: Callable[[], float] | None = None,
         param_budget: int | str | None = "model",
         policy: str | None = None,
+        greedy: bool = False,
         spike_factor: float = 3.0,
         snapshot_every: int = 50,
         warmup_steps: int = 20,
@@ -155,6 +159,13 @@ class Controller:
                 raise ValueError(f"{name} must be at least 1, got {value}")
         if probation_steps < 0 or training_steps < 0 or warmup_steps < 0:
             raise ValueError("probation_steps, training_steps and warmup_steps must be >= 0")
+        if not isinstance(greedy, bool):
+            raise ValueError(f"greedy must be True or False, got {greedy!r}")
+        if greedy and policy == "random":
+            raise ValueError(
+                "greedy=True asks for the policy's most likely action, and the random policy "
+                'has none: use policy="random" without greedy, or another policy'
+            )
         if spike_factor <= 1.0:
             raise ValueError(f"spike_factor must be above 1, got {spike_factor}")
         if param_budget == "model":
@@ -170,6 +181,7 @@ class Controller:
         self.total_steps, self.decide_every = int(total_steps), int(decide_every)
         self.probation_steps, self.training_steps = int(probation_steps), int(training_steps)
         self.eval_fn, self.param_budget, self.policy = eval_fn, param_budget, policy
+        self.greedy = greedy
         self.spike_factor, self.snapshot_every = float(spike_factor), int(snapshot_every)
         self.warmup_steps, self.poll_interval = int(warmup_steps), float(poll_interval)
         self.steps = 0
@@ -209,6 +221,7 @@ class Controller:
                 "blend_steps": model.blend_steps,
                 "probation_steps": self.probation_steps,
                 "policy": policy,
+                "greedy": greedy,
                 "spike_factor": self.spike_factor,
                 "snapshot_every": self.snapshot_every,
             }
@@ -466,6 +479,8 @@ class Controller:
         }
         if self.policy is not None:
             body["policy"] = self.policy
+        if self.greedy:  # sent only when set: servers without the field accept the rest
+            body["greedy"] = True
         future = self._executor.submit(
             self.client.request, "POST", f"runs/{self.run_id}/decisions/", body
         )

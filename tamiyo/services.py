@@ -187,11 +187,17 @@ def decision_make(
     run: TrainingRun,
     graph: object,
     policy_name: str | None = None,
+    greedy: bool = False,
     dtype: str = "float32",
     epoch: int = 0,
 ) -> Experience:
     """Decide with the active policy (or the named baseline), record the experience, and
-    request the kernel of a germinate decision (its compile is queued after commit)."""
+    request the kernel of a germinate decision (its compile is queued after commit).
+
+    ``greedy`` takes the policy's most likely legal action instead of sampling one: what a
+    run that wants the policy's best guess asks for, with no exploration. That behaviour is
+    deterministic, so the experience records a behaviour log-probability of 0 (probability
+    1), which keeps off-policy training's importance weights right."""
     if run.status != TrainingRun.Status.RUNNING:
         raise ApplicationError(
             f"run {run.id} is {run.status}; decisions are made for running runs",
@@ -221,6 +227,7 @@ def decision_make(
         data,
         descriptors,
         rng=_rng(),
+        greedy=greedy,
         fits=torch.tensor(fits, dtype=torch.bool).reshape(len(fits), len(blueprints)),
     )
     action = decision.as_action()
@@ -250,7 +257,7 @@ def decision_make(
                 action=action,
                 policy_version=version,
                 policy_name=used,
-                behavior_logprob=decision.logprob,
+                behavior_logprob=0.0 if greedy else decision.logprob,
                 kernel=kernel,
             )
         return experience

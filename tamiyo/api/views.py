@@ -126,6 +126,7 @@ class DecisionApi(GenericAPIView):
     class InputSerializer(StrictInputSerializer):
         graph = JSONObjectField()
         policy = serializers.ChoiceField(choices=services.POLICY_NAMES, required=False)
+        greedy = serializers.BooleanField(default=False)
         dtype = serializers.ChoiceField(
             choices=["float32", "float64", "bfloat16", "float16"], default="float32"
         )
@@ -133,6 +134,13 @@ class DecisionApi(GenericAPIView):
 
         class Meta:
             ref_name = "DecisionRequest"
+
+        def validate(self, attrs):
+            if attrs.get("greedy") and attrs.get("policy") == "random":
+                raise serializers.ValidationError(
+                    {"greedy": ["the random policy has no most likely action; drop greedy"]}
+                )
+            return attrs
 
     class OutputSerializer(serializers.Serializer):
         experience = serializers.UUIDField()
@@ -158,7 +166,9 @@ class DecisionApi(GenericAPIView):
             **ERROR_RESPONSES,
         },
         description="Tamiyo decides with the active policy (or the named baseline), records "
-        "an experience and, for a germinate decision, requests the kernel.",
+        "an experience and, for a germinate decision, requests the kernel. With greedy: true "
+        "the policy's most likely action is taken instead of a sample (no exploration; the "
+        "recorded behaviour log-probability is 0).",
     )
     def post(self, request, run_id):
         run = selectors.run_get(run_id=run_id)
@@ -169,6 +179,7 @@ class DecisionApi(GenericAPIView):
             run=run,
             graph=data["graph"],
             policy_name=data.get("policy"),
+            greedy=data["greedy"],
             dtype=data["dtype"],
             epoch=data["epoch"],
         )

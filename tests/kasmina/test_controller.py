@@ -277,6 +277,30 @@ def test_the_default_budget_is_the_models_own_size_and_a_bad_budget_says_what_to
             Controller(model, optimizer, total_steps=10, param_budget=bad)
 
 
+def test_greedy_asks_the_policy_for_its_most_likely_action_and_bad_values_say_what_to_pass(
+    make_loop,
+):
+    from torch import nn
+
+    from kasmina import Controller, wrap
+    from tamiyo.models import Experience
+
+    model = wrap(nn.Sequential(nn.Linear(8, 4), nn.ReLU(), nn.Linear(4, 3)))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.raises(ValueError, match="^greedy must be True or False"):
+        Controller(model, optimizer, total_steps=10, greedy="yes")
+    with pytest.raises(ValueError, match="the random policy has none"):
+        Controller(model, optimizer, total_steps=10, policy="random", greedy=True)
+
+    # The heuristic samples at temperature 0.25 over several legal (site, blueprint) pairs,
+    # so a sampled germinate has a log-probability below 0; a greedy one is deterministic.
+    loop = make_loop(policy="heuristic", greedy=True)
+    loop.run_until(lambda: loop.controller.adaptations)
+    experience = Experience.objects.get(pk=loop.controller.adaptations[0]["experience"])
+    assert experience.action["action"] == "germinate" and experience.policy_name == "heuristic"
+    assert experience.behavior_logprob == 0.0
+
+
 def test_the_loss_trend_is_a_fitted_slope_per_interval_that_noise_does_not_fake():
     import random
 

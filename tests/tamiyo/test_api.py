@@ -79,6 +79,36 @@ def test_a_bridge_decision_requests_a_kernel_reading_the_source_layers_input(
     assert (kernel.signature["in"], kernel.signature["out"]) == (source["in"], layer["out"])
 
 
+def test_a_greedy_decision_takes_the_most_likely_action_and_records_probability_one(
+    api_client, run, health, catalogue
+):
+    doc = graph_doc(health)  # at a plateau: several (site, blueprint) pairs are legal
+    sampled = _decide(api_client, run, doc, policy="heuristic").json()
+    assert sampled["action"] == "germinate" and sampled["logprob"] < 0
+    answers = [_decide(api_client, run, doc, policy="heuristic", greedy=True) for _ in range(3)]
+    assert all(a.status_code == 201 for a in answers), answers[0].content
+    bodies = [a.json() for a in answers]
+    assert {(b["action"], b["layer"], b["blueprint"]) for b in bodies} == {
+        (bodies[0]["action"], bodies[0]["layer"], bodies[0]["blueprint"])
+    }
+    assert bodies[0]["action"] == "germinate" and all(b["logprob"] == 0.0 for b in bodies)
+    assert Experience.objects.get(pk=bodies[0]["experience"]).behavior_logprob == 0.0
+
+
+@pytest.mark.fast
+def test_greedy_must_be_a_boolean_and_means_nothing_for_the_random_policy(
+    api_client, run, health, catalogue
+):
+    before = Experience.objects.count()
+    response = _decide(api_client, run, graph_doc(health), greedy="maybe")
+    assert response.status_code == 400
+    assert "greedy" in _error(response)["detail"]
+    response = _decide(api_client, run, graph_doc(health), policy="random", greedy=True)
+    assert response.status_code == 400
+    assert "random policy has no most likely action" in str(_error(response)["detail"])
+    assert Experience.objects.count() == before  # nothing recorded for a bad request
+
+
 def test_cold_start_decisions_use_the_heuristic_policy(api_client, run, health, catalogue):
     body = _decide(api_client, run, graph_doc(health)).json()
     assert body["policy"] == "heuristic" and body["policy_version"] is None
