@@ -178,7 +178,8 @@ def paired(runs: list[RunResult], baseline: list[RunResult]) -> dict:
     """`runs` vs `baseline` seed by seed (the same data split and init seed): the mean
     accuracy difference in points, its standard error, and the seeds won. It `beats` the
     baseline when the mean difference is positive and it wins more than half the seeds.
-    (Accuracies are float32 ratios; differences are rounded to 1e-6 points, so a tie is 0.)"""
+    (Differences are rounded to 1e-6 points, so equal counts of correct predictions tie at 0
+    even where the accuracies came from float32 arithmetic.)"""
     diff = [
         round(100 * (a.test_accuracy - b.test_accuracy), 6)
         for a, b in zip(runs, baseline, strict=True)

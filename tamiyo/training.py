@@ -26,8 +26,8 @@ the anchor keeps PPO's trust region per epoch while still letting the policy mov
 from the behaviour policy over epochs, with the truncated ρ correcting for who chose the
 action.
 
-The last term keeps the policy near Tamiyo's heuristic (the cold-start policy: wait for a
-plateau, then bridges first, the largest kernel that fits) on every training state, so it
+The last term keeps the policy near Tamiyo's heuristic (the cold-start policy: wait until
+the loss stops falling steeply, then bridges first, the largest kernel that fits) on every training state, so it
 departs from the heuristic only where the rewards pull harder than the prior; the
 heuristic's own sampling temperature keeps that prior soft. Without it, a version learnt
 from a few dozen grafts picked blueprints almost uniformly, and which ones it favoured
