@@ -276,6 +276,9 @@ class Controller:
     def close(self, status: str = "finished", timeout: float = 10.0) -> bool:
         """Mark the run `status`, send what the outbox holds (up to `timeout` s), stop the thread.
 
+        A finished run also reports its final validation metric (run metrics
+        ``final_metric``: `eval_fn` on the model as it stands, or without one the last
+        epoch's metric), which policy training credits to every decision of the run.
         Returns whether every write reached the server. Seeds still mid-lifecycle are left
         unreported (their outcome was never measured).
         """
@@ -284,7 +287,11 @@ class Controller:
         self._closed = True
         if self._outbox is None:
             return True
-        self._patch_run({"status": status, "metrics": {"controller": self.stats()}}, "close run")
+        metrics = {"controller": self.stats()}
+        final = self._final_metric() if status == "finished" else None
+        if final is not None:
+            metrics["final_metric"] = final
+        self._patch_run({"status": status, "metrics": metrics}, "close run")
         reads = [a.poll for a in self._active.values()] + [self._asked and self._asked[0]]
         reads = [future for future in reads if future is not None]
         for future in reads:
@@ -412,6 +419,17 @@ class Controller:
                 return float(self.eval_fn())
         finally:
             self.model.train(was_training)
+
+    def _final_metric(self) -> float | None:
+        if self.eval_fn is not None:
+            try:
+                value = self._evaluate()
+            except Exception:  # close() often runs in a `finally`: never raise from it
+                logger.exception("final evaluation failed; the run closes without final_metric")
+                return None
+        else:
+            value = self._metrics[-1] if self._metrics else None
+        return value if value is not None and math.isfinite(value) else None
 
     def _metric(self) -> float:
         """This step's metric (eval_fn, or the negative loss EMA), evaluated once per step."""

@@ -29,17 +29,43 @@ WAIT (outcome ``metric_before, metric_after`` over the same window)::
 
 Waiting through a flat stretch costs a little, so a plateau is a reason to act; waiting
 while the metric moves is judged by how it moves.
+
+Terminal credit (`terminal_credit`, applied when a policy is trained, never stored): the
+reward above is measured while the run is still training, so it can misjudge a seed whose
+worth shows only later; in particular the counterfactual contribution rewards what the host
+came to depend on (a residual on the output layer measured 5-11 points while runs that kept
+bridges ended higher). When a run finishes, the Controller reports its final validation
+metric (run metrics ``final_metric``), and every decision of that run is also credited with
+how the run ended compared with the other finished runs of its cohort (the same model
+summary and step count)::
+
+    baseline = mean final_metric of the cohort's other runs      (leave-one-out)
+    credit   = tanh(scale_terminal · (final_metric − baseline))  (scale_terminal = 20)
+    reward'  = (1 − w) · reward + w · credit                     (w = terminal_weight = 0.5)
+
+A decision of a run without a final metric, or alone in its cohort, keeps its reward.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, fields
 
 from tamiyo.graph import STAGES
 
-__all__ = ["GERMINATE_OUTCOME_FIELDS", "RewardWeights", "WAIT_OUTCOME_FIELDS", "compute_reward"]
+__all__ = [
+    "GERMINATE_OUTCOME_FIELDS",
+    "TERMINAL_SCALE",
+    "TERMINAL_WEIGHT",
+    "RewardWeights",
+    "WAIT_OUTCOME_FIELDS",
+    "compute_reward",
+    "terminal_credit",
+]
+
+TERMINAL_WEIGHT = 0.5
+TERMINAL_SCALE = 20.0
 
 GERMINATE_OUTCOME_FIELDS = (
     "final_stage",
@@ -141,3 +167,58 @@ def compute_reward(
         - weights.lambda_rollback * float(o["rolled_back"])
     )
     return math.tanh(weights.scale * x)
+
+
+def _finite_or_none(value: object, where: str) -> float | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        raise ValueError(f"{where}: expected a finite number or null, got {value!r}")
+    return float(value)
+
+
+def terminal_credit(
+    experiences: Sequence[Mapping],
+    *,
+    weight: float = TERMINAL_WEIGHT,
+    scale: float = TERMINAL_SCALE,
+) -> tuple[list[dict], dict]:
+    """Blend each rewarded experience's reward with its run's terminal credit (see the module
+    docstring). Experiences carry ``run`` (id), ``cohort`` (key) and ``final_metric`` (the
+    run's, or null); any of them missing or null leaves the reward as it is.
+
+    Returns new experience dicts (the input is not modified) and a summary:
+    ``{"weight", "credited", "runs", "cohorts"}`` (experiences credited, runs and cohorts
+    that took part)."""
+    if not (math.isfinite(weight) and 0.0 <= weight <= 1.0):
+        raise ValueError(f"terminal weight must be in [0, 1], got {weight}")
+    if not (math.isfinite(scale) and scale > 0):
+        raise ValueError(f"terminal scale must be finite and > 0, got {scale}")
+    finals: dict[object, dict[object, float]] = {}
+    for i, exp in enumerate(experiences):
+        final = _finite_or_none(exp.get("final_metric"), f"experiences[{i}].final_metric")
+        run, cohort = exp.get("run"), exp.get("cohort")
+        if final is None or run is None or cohort is None:
+            continue
+        seen = finals.setdefault(cohort, {}).setdefault(run, final)
+        if seen != final:
+            raise ValueError(
+                f"experiences[{i}].final_metric: run {run!r} has two final metrics "
+                f"({seen} and {final})"
+            )
+    out, credited, runs = [], 0, set()
+    for exp in experiences:
+        exp = dict(exp)
+        others = finals.get(exp.get("cohort"), {})
+        run = exp.get("run")
+        reward = exp.get("reward")
+        numeric = isinstance(reward, int | float) and not isinstance(reward, bool)
+        if numeric and math.isfinite(reward) and run in others and len(others) > 1 and weight > 0:
+            baseline = (sum(others.values()) - others[run]) / (len(others) - 1)
+            credit = math.tanh(scale * (others[run] - baseline))
+            exp["reward"] = (1.0 - weight) * float(reward) + weight * credit
+            credited += 1
+            runs.add((exp["cohort"], run))
+        out.append(exp)
+    cohorts = {cohort for cohort, _ in runs}
+    return out, {"weight": weight, "credited": credited, "runs": len(runs), "cohorts": len(cohorts)}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import math
 import os
@@ -18,7 +19,7 @@ from django.db.models import Max
 from tamiyo.graph import GraphError, to_data, validate_graph
 from tamiyo.models import Experience, PolicyVersion, TrainingRun
 from tamiyo.policy import GNNPolicy, HeuristicPolicy, create_policy
-from tamiyo.reward import compute_reward
+from tamiyo.reward import TERMINAL_WEIGHT, compute_reward, terminal_credit
 from urza import services as urza_services
 from urza.errors import ApplicationError
 from urza.models import Blueprint
@@ -302,21 +303,51 @@ def _maybe_schedule_training() -> None:
 
 
 # -- policy training --------------------------------------------------------------------
+def _run_cohort(run: TrainingRun) -> str:
+    """Runs whose final metrics compare: the same model summary and the same step count."""
+    key = {"model": run.model_summary, "total_steps": (run.config or {}).get("total_steps")}
+    return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _run_final_metric(run: TrainingRun) -> float | None:
+    """A finished run's final validation metric (run metrics ``final_metric``), if it is a
+    finite number; anything else a client stored there counts as none."""
+    value = (run.metrics or {}).get("final_metric")
+    if run.status != TrainingRun.Status.FINISHED or isinstance(value, bool):
+        return None
+    return float(value) if isinstance(value, int | float) and math.isfinite(value) else None
+
+
 def training_experiences(*, limit: int | None = None) -> list[dict]:
-    qs = Experience.objects.filter(reward__isnull=False).order_by("created_at")
+    qs = (
+        Experience.objects.filter(reward__isnull=False)
+        .select_related("run")
+        .order_by("created_at")
+    )
     if limit:
         qs = qs.reverse()[:limit]
-    return [
-        {
-            "state": e.state,
-            "blueprints": e.blueprints,
-            "fits": e.fits,
-            "action": {k: e.action.get(k) for k in ("action", "layer", "seed", "blueprint_index")},
-            "behavior_logprob": e.behavior_logprob,
-            "reward": e.reward,
-        }
-        for e in qs
-    ]
+    runs: dict = {}
+    out = []
+    for e in qs:
+        if e.run_id not in runs:
+            runs[e.run_id] = (_run_cohort(e.run), _run_final_metric(e.run))
+        cohort, final = runs[e.run_id]
+        out.append(
+            {
+                "state": e.state,
+                "blueprints": e.blueprints,
+                "fits": e.fits,
+                "action": {
+                    k: e.action.get(k) for k in ("action", "layer", "seed", "blueprint_index")
+                },
+                "behavior_logprob": e.behavior_logprob,
+                "reward": e.reward,
+                "run": str(e.run_id),
+                "cohort": cohort,
+                "final_metric": final,
+            }
+        )
+    return out
 
 
 def policy_train_enqueue(*, seed: int = 0, epochs: int | None = None) -> None:
@@ -389,12 +420,21 @@ __all__ = [
 ]
 
 
-def policy_train(*, seed: int = 0, epochs: int | None = None, limit: int = 5000) -> dict:
+def policy_train(
+    *,
+    seed: int = 0,
+    epochs: int | None = None,
+    limit: int = 5000,
+    terminal_weight: float = TERMINAL_WEIGHT,
+) -> dict:
     """Train a candidate from the stored experiences; keep it as a new version, and make it
-    active only if its held-out score is no worse than the current policy's."""
+    active only if its held-out score is no worse than the current policy's. Rewards are
+    blended with their runs' terminal credit (`tamiyo.reward.terminal_credit`) for both."""
     from tamiyo.training import DEFAULT_EPOCHS, MIN_EXPERIENCES, evaluate_policy, train_policy
 
-    experiences = training_experiences(limit=limit)
+    experiences, terminal = terminal_credit(
+        training_experiences(limit=limit), weight=terminal_weight
+    )
     if len(experiences) < MIN_EXPERIENCES:
         return {
             "status": "skipped",
@@ -416,6 +456,7 @@ def policy_train(*, seed: int = 0, epochs: int | None = None, limit: int = 5000)
         "heldout_score_candidate": candidate_score,
         "heldout_score_current": current_score,
         "compared_with": current_name if current_version is None else f"v{current_version.version}",
+        "terminal_credit": terminal,
     }
     version = policy_version_create(
         policy=result.policy, metrics=metrics, experience_count=len(experiences), activate=better

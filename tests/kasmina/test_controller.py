@@ -76,6 +76,8 @@ def test_a_germinate_decision_runs_the_lifecycle_without_blocking_and_is_rewarde
     run = TrainingRun.objects.get(pk=controller.run_id)
     assert run.status == "finished" and run.config["param_budget"] == 5_000
     assert run.metrics["controller"]["germinated"] == 1
+    # The final validation metric, which policy training credits to the run's decisions.
+    assert run.metrics["final_metric"] == loop.accuracy()
     assert waits.exists(), "wait decisions get their outcome too"
 
 
@@ -244,6 +246,36 @@ def test_offline_a_non_finite_loss_restores_the_last_snapshot_of_model_and_optim
         loop.train_step()
     assert all(h["loss"] == h["loss"] for h in loop.controller.history[-5:])
     assert loop.controller.run_id is None and loop.controller.close()
+
+
+def test_only_a_finished_run_reports_a_final_metric_and_a_failing_eval_does_not_stop_close(
+    make_loop,
+):
+    from tamiyo.models import TrainingRun
+
+    def boom() -> float:
+        raise RuntimeError("validation data went away")
+
+    failed, broken = make_loop(), make_loop(eval_fn=boom, decide_every=10**6)
+    for loop in (failed, broken):
+        loop.run_until(lambda loop=loop: loop.controller.run_id)
+    assert failed.controller.close(status="failed")
+    assert broken.controller.close()  # logs the evaluation error, closes the run all the same
+    for loop, status in ((failed, "failed"), (broken, "finished")):
+        run = TrainingRun.objects.get(pk=loop.controller.run_id)
+        assert run.status == status and "controller" in run.metrics
+        assert "final_metric" not in run.metrics
+
+
+def test_without_eval_fn_the_final_metric_is_the_last_epochs():
+    from kasmina import Controller
+
+    loop = Loop(None)
+    controller = Controller(loop.model, loop.optimizer, None, total_steps=100)
+    controller.epoch_end({"accuracy": 0.5})
+    controller.epoch_end({"val_metric": 0.75, "accuracy": 0.5})
+    assert controller._final_metric() == 0.75
+    assert Controller(loop.model, loop.optimizer, None, total_steps=100)._final_metric() is None
 
 
 def test_offline_one_unlucky_batch_is_not_a_spike_but_two_in_a_row_are():

@@ -6,6 +6,8 @@ API with the random policy, the training task runs on a real worker, and the new
 policy must pick the paying layer far more often than the random policy did.
 """
 
+import math
+
 import pytest
 
 from tamiyo.models import PolicyVersion
@@ -97,3 +99,55 @@ def test_a_corrupt_checkpoint_leaves_decisions_working_with_the_cold_start_polic
     ).json()
     assert body["policy"] == "heuristic"
     assert PolicyVersion.objects.get(is_active=True).version == version.version
+
+
+@pytest.mark.django_db
+def test_training_credits_each_decision_with_how_its_run_ended(api_client, catalogue):
+    """Finished runs of one model are compared by their final metric; a run of another
+    model, a failed run and a bogus final metric take no part."""
+    from tamiyo import services
+    from tamiyo.reward import terminal_credit
+
+    docs = [graph_doc(health_snapshot(seed), progress=0.3) for seed in range(2)]
+    mlp = {"params": 610, "layers": [{"name": "fc1"}, {"name": "fc2"}]}
+    runs = {}
+    for name, summary, status, final in [
+        ("low", mlp, "finished", 0.90),
+        ("high", mlp, "finished", 0.96),
+        ("failed", mlp, "failed", 0.99),
+        ("bogus", mlp, "finished", "best"),
+        ("wide", {**mlp, "params": 2410}, "finished", 0.97),
+    ]:
+        body = {"name": name, "model_summary": summary, "config": {"total_steps": 1440}}
+        run_id = api_client.post("/api/v1/runs/", body, format="json").json()["id"]
+        _collect(api_client, run_id, docs, 8, policy="random")
+        patch = {"status": status, "metrics": {"final_metric": final}}
+        response = api_client.patch(f"/api/v1/runs/{run_id}/", patch, format="json")
+        assert response.status_code == 200, response.content
+        runs[run_id] = name
+
+    experiences = services.training_experiences()
+    assert len(experiences) == 40
+    by_name = {runs[e["run"]]: e for e in experiences}
+    assert by_name["low"]["final_metric"] == 0.90 and by_name["high"]["final_metric"] == 0.96
+    assert by_name["failed"]["final_metric"] is None and by_name["bogus"]["final_metric"] is None
+    assert by_name["low"]["cohort"] == by_name["failed"]["cohort"] != by_name["wide"]["cohort"]
+    credited, summary = terminal_credit(experiences)
+    assert summary["credited"] == 16 and summary["runs"] == 2 and summary["cohorts"] == 1
+    credit = {}  # reward' = reward / 2 + credit / 2, and the credit is the run's
+    for e, c in zip(experiences, credited, strict=True):
+        credit.setdefault(runs[e["run"]], set()).add(round(2 * c["reward"] - e["reward"], 9))
+    assert credit["low"] == {round(math.tanh(20 * (0.90 - 0.96)), 9)}
+    assert credit["high"] == {round(math.tanh(20 * (0.96 - 0.90)), 9)}
+    untouched = [e for e, c in zip(experiences, credited, strict=True) if e == c]
+    assert {runs[e["run"]] for e in untouched} == {"failed", "bogus", "wide"}
+
+    result = services.policy_train(seed=0, epochs=2)
+    assert result["status"] == "trained"
+    version = PolicyVersion.objects.get(version=result["version"])
+    assert version.metrics["terminal_credit"] == {
+        "weight": 0.5,
+        "credited": 16,
+        "runs": 2,
+        "cohorts": 1,
+    }

@@ -3,7 +3,7 @@ import math
 import pytest
 from torch.testing import assert_close
 
-from tamiyo.reward import RewardWeights, compute_reward
+from tamiyo.reward import RewardWeights, compute_reward, terminal_credit
 
 
 def germinate(**over) -> dict:
@@ -105,3 +105,50 @@ def test_budget_and_weights_are_validated():
         compute_reward(germinate(), action="germinate", param_budget=0)
     with pytest.raises(ValueError, match=r"RewardWeights\.scale"):
         RewardWeights(scale=-1.0)
+
+
+def _exp(run, final, reward=0.2, cohort="mlp"):
+    return {"reward": reward, "run": run, "cohort": cohort, "final_metric": final}
+
+
+def test_terminal_credit_rates_each_run_against_the_other_runs_of_its_cohort():
+    experiences = [
+        _exp("a", 0.90),
+        _exp("a", 0.90, reward=-0.4),
+        _exp("b", 0.95),
+        _exp("c", 1.00),
+        _exp("d", 0.50, cohort="other"),  # alone in its cohort: nothing to compare with
+        _exp("e", None),  # no final metric (still running, failed, or an old run)
+        _exp("c", 1.00, reward=None),  # unrewarded: left for training to skip
+    ]
+    out, summary = terminal_credit(experiences, weight=0.5, scale=20.0)
+
+    def blended(reward, final, others):
+        return 0.5 * reward + 0.5 * math.tanh(20.0 * (final - sum(others) / len(others)))
+
+    assert out[0]["reward"] == pytest.approx(blended(0.2, 0.90, [0.95, 1.00]))
+    assert out[1]["reward"] == pytest.approx(blended(-0.4, 0.90, [0.95, 1.00]))
+    assert out[2]["reward"] == pytest.approx(blended(0.2, 0.95, [0.90, 1.00]))
+    assert out[3]["reward"] == pytest.approx(blended(0.2, 1.00, [0.90, 0.95]))
+    assert out[0]["reward"] < out[2]["reward"] < out[3]["reward"]
+    assert [e["reward"] for e in out[4:]] == [0.2, 0.2, None]
+    assert summary == {"weight": 0.5, "credited": 4, "runs": 3, "cohorts": 1}
+    assert experiences[0]["reward"] == 0.2, "the input is not modified"
+    unchanged, summary = terminal_credit(experiences, weight=0.0)
+    assert [e["reward"] for e in unchanged] == [e["reward"] for e in experiences]
+    assert summary["credited"] == 0
+
+
+@pytest.mark.parametrize(
+    ("experiences", "options", "message"),
+    [
+        ([_exp("a", 0.9)], {"weight": 1.5}, "terminal weight must be in"),
+        ([_exp("a", 0.9)], {"scale": 0.0}, "terminal scale must be"),
+        ([_exp("a", "high")], {}, r"experiences\[0\]\.final_metric: expected a finite number"),
+        ([_exp("a", math.nan)], {}, r"experiences\[0\]\.final_metric"),
+        ([_exp("a", 0.9), _exp("a", 0.8)], {}, "run 'a' has two final metrics"),
+    ],
+)
+def test_terminal_credit_rejects_bad_input_with_a_clear_error(experiences, options, message):
+    with pytest.raises(ValueError, match=message):
+        terminal_credit(experiences, **options)

@@ -295,3 +295,38 @@ def test_a_version_whose_scores_could_not_be_computed_stores_null_not_nan():
     )
     stored = PolicyVersion.objects.get(pk=version.pk).metrics
     assert stored == {"heldout_score_candidate": None, "history": [{"loss": None}], "n": 3}
+
+
+def test_terminal_credit_teaches_what_paid_at_the_end_when_the_step_reward_misleads():
+    """Growing at layer "1" measures well at probation (+0.8) but its runs end lower; growing at
+    "2" measures modestly (+0.2) and its runs end higher. Trained on the step rewards alone,
+    the policy prefers "1"; with each run's ending credited back, it prefers "2"."""
+    from tamiyo.reward import terminal_credit
+
+    def final(action: dict) -> float:
+        if action["action"] == "germinate" and action["layer"] in ("1", "2"):
+            return {"1": 0.90, "2": 0.96}[action["layer"]]
+        return 0.93
+
+    experiences = collect(300, seed=3)
+    for i, e in enumerate(experiences):  # one decision per run, all runs of the same model
+        grew = e["action"]["action"] == "germinate"
+        e["reward"] = {"1": 0.8, "2": 0.2}.get(e["action"]["layer"], -0.3) if grew else 0.0
+        e.update(run=f"run-{i}", cohort="mlp", final_metric=final(e["action"]))
+    credited, summary = terminal_credit(experiences)
+    assert summary["credited"] == 300 and summary["runs"] == 300
+
+    def rates(exps) -> tuple[float, float]:
+        policy = train_policy(None, exps, seed=0, epochs=15, prior_coef=0.0).policy
+        r, rng = random.Random(5), torch.Generator().manual_seed(5)
+        hits = {"1": 0, "2": 0}
+        for _ in range(100):
+            d = policy.decide(to_data(random_state(r)), CATALOGUE, rng=rng, greedy=True)
+            if d.action == "germinate" and d.layer in hits:
+                hits[d.layer] += 1
+        return hits["1"], hits["2"]
+
+    step_only = rates(experiences)
+    with_ending = rates(credited)
+    assert step_only[0] > 2 * step_only[1], step_only
+    assert with_ending[1] > 2 * with_ending[0], with_ending
