@@ -320,9 +320,7 @@ def _run_final_metric(run: TrainingRun) -> float | None:
 
 def training_experiences(*, limit: int | None = None) -> list[dict]:
     qs = (
-        Experience.objects.filter(reward__isnull=False)
-        .select_related("run")
-        .order_by("created_at")
+        Experience.objects.filter(reward__isnull=False).select_related("run").order_by("created_at")
     )
     if limit:
         qs = qs.reverse()[:limit]
