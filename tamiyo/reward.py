@@ -35,15 +35,19 @@ reward above is measured while the run is still training, so it can misjudge a s
 worth shows only later; in particular the counterfactual contribution rewards what the host
 came to depend on (a residual on the output layer measured 5-11 points while runs that kept
 bridges ended higher). When a run finishes, the Controller reports its final validation
-metric (run metrics ``final_metric``), and every decision of that run is also credited with
-how the run ended compared with the other finished runs of its cohort (the same model
-summary and step count)::
+metric (run metrics ``final_metric``), and each growth decision of that run is also
+credited with how the run ended compared with the other finished runs of its cohort (the
+same model summary and step count)::
 
     baseline = mean final_metric of the cohort's other runs      (leave-one-out)
     credit   = tanh(scale_terminal · (final_metric − baseline))  (scale_terminal = 20)
     reward'  = (1 − w) · reward + w · credit                     (w = terminal_weight = 0.5)
 
-A decision of a run without a final metric, or alone in its cohort, keeps its reward.
+WAIT decisions keep their step reward: it is measured over the wait's own window, and a
+run's ending spread over its dozens of waits credited the timing with whatever else set
+the runs apart (the random policy's runs graft early and end low, so waiting looked good
+everywhere: a policy trained that way grafted at steps 150-430 instead of 60-160). A
+growth decision of a run without a final metric, or alone in its cohort, keeps its reward.
 """
 
 from __future__ import annotations
@@ -183,9 +187,10 @@ def terminal_credit(
     weight: float = TERMINAL_WEIGHT,
     scale: float = TERMINAL_SCALE,
 ) -> tuple[list[dict], dict]:
-    """Blend each rewarded experience's reward with its run's terminal credit (see the module
-    docstring). Experiences carry ``run`` (id), ``cohort`` (key) and ``final_metric`` (the
-    run's, or null); any of them missing or null leaves the reward as it is.
+    """Blend each rewarded germinate experience's reward with its run's terminal credit (see
+    the module docstring). Experiences carry ``run`` (id), ``cohort`` (key) and
+    ``final_metric`` (the run's, or null); any of them missing or null leaves the reward as
+    it is, and so does a WAIT action.
 
     Returns new experience dicts (the input is not modified) and a summary:
     ``{"weight", "credited", "runs", "cohorts"}`` (experiences credited, runs and cohorts
@@ -213,7 +218,16 @@ def terminal_credit(
         run = exp.get("run")
         reward = exp.get("reward")
         numeric = isinstance(reward, int | float) and not isinstance(reward, bool)
-        if numeric and math.isfinite(reward) and run in others and len(others) > 1 and weight > 0:
+        action = exp.get("action")
+        grew = isinstance(action, Mapping) and action.get("action") == "germinate"
+        if (
+            grew
+            and numeric
+            and math.isfinite(reward)
+            and run in others
+            and len(others) > 1
+            and weight > 0
+        ):
             baseline = (sum(others.values()) - others[run]) / (len(others) - 1)
             credit = math.tanh(scale * (others[run] - baseline))
             exp["reward"] = (1.0 - weight) * float(reward) + weight * credit

@@ -107,8 +107,14 @@ def test_budget_and_weights_are_validated():
         RewardWeights(scale=-1.0)
 
 
-def _exp(run, final, reward=0.2, cohort="mlp"):
-    return {"reward": reward, "run": run, "cohort": cohort, "final_metric": final}
+def _exp(run, final, reward=0.2, cohort="mlp", action="germinate"):
+    return {
+        "reward": reward,
+        "action": {"action": action},
+        "run": run,
+        "cohort": cohort,
+        "final_metric": final,
+    }
 
 
 def test_terminal_credit_rates_each_run_against_the_other_runs_of_its_cohort():
@@ -120,6 +126,7 @@ def test_terminal_credit_rates_each_run_against_the_other_runs_of_its_cohort():
         _exp("d", 0.50, cohort="other"),  # alone in its cohort: nothing to compare with
         _exp("e", None),  # no final metric (still running, failed, or an old run)
         _exp("c", 1.00, reward=None),  # unrewarded: left for training to skip
+        _exp("c", 1.00, action="wait"),  # a wait keeps its step reward
     ]
     out, summary = terminal_credit(experiences, weight=0.5, scale=20.0)
 
@@ -131,7 +138,7 @@ def test_terminal_credit_rates_each_run_against_the_other_runs_of_its_cohort():
     assert out[2]["reward"] == pytest.approx(blended(0.2, 0.95, [0.90, 1.00]))
     assert out[3]["reward"] == pytest.approx(blended(0.2, 1.00, [0.90, 0.95]))
     assert out[0]["reward"] < out[2]["reward"] < out[3]["reward"]
-    assert [e["reward"] for e in out[4:]] == [0.2, 0.2, None]
+    assert [e["reward"] for e in out[4:]] == [0.2, 0.2, None, 0.2]
     assert summary == {"weight": 0.5, "credited": 4, "runs": 3, "cohorts": 1}
     assert experiences[0]["reward"] == 0.2, "the input is not modified"
     unchanged, summary = terminal_credit(experiences, weight=0.0)

@@ -314,7 +314,8 @@ def test_terminal_credit_teaches_what_paid_at_the_end_when_the_step_reward_misle
         e["reward"] = {"1": 0.8, "2": 0.2}.get(e["action"]["layer"], -0.3) if grew else 0.0
         e.update(run=f"run-{i}", cohort="mlp", final_metric=final(e["action"]))
     credited, summary = terminal_credit(experiences)
-    assert summary["credited"] == 300 and summary["runs"] == 300
+    grew = sum(e["action"]["action"] == "germinate" for e in experiences)
+    assert summary["credited"] == summary["runs"] == grew > 100
 
     def rates(exps) -> tuple[float, float]:
         policy = train_policy(None, exps, seed=0, epochs=15, prior_coef=0.0).policy
