@@ -278,7 +278,7 @@ class Controller:
 
         A finished run also reports its final validation metric (run metrics
         ``final_metric``: `eval_fn` on the model as it stands, or without one the last
-        epoch's metric), which policy training credits to every decision of the run.
+        epoch's metric), which policy training credits to the run's growth decisions.
         Returns whether every write reached the server. Seeds still mid-lifecycle are left
         unreported (their outcome was never measured).
         """

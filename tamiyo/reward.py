@@ -37,7 +37,8 @@ came to depend on (a residual on the output layer measured 5-11 points while run
 bridges ended higher). When a run finishes, the Controller reports its final validation
 metric (run metrics ``final_metric``), and each growth decision of that run is also
 credited with how the run ended compared with the other finished runs of its cohort (the
-same model summary and step count)::
+same model summary and step count, decided by the same policies: comparing across policies
+credits which policy ran, not what its choices did)::
 
     baseline = mean final_metric of the cohort's other runs      (leave-one-out)
     credit   = tanh(scale_terminal · (final_metric − baseline))  (scale_terminal = 20)

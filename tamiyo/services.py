@@ -303,9 +303,16 @@ def _maybe_schedule_training() -> None:
 
 
 # -- policy training --------------------------------------------------------------------
-def _run_cohort(run: TrainingRun) -> str:
-    """Runs whose final metrics compare: the same model summary and the same step count."""
-    key = {"model": run.model_summary, "total_steps": (run.config or {}).get("total_steps")}
+def _run_cohort(run: TrainingRun, behaviour: set[tuple[str, int | None]]) -> str:
+    """Runs whose endings compare: the same model summary, step count and behaviour (the
+    policies, with their versions, that made its decisions). Comparing a run only with runs
+    of the same behaviour credits what that behaviour's choices did, not which policy ran:
+    across policies, the random policy's early grafts made every early graft look bad."""
+    key = {
+        "model": run.model_summary,
+        "total_steps": (run.config or {}).get("total_steps"),
+        "behaviour": sorted(behaviour, key=str),
+    }
     return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
@@ -324,28 +331,28 @@ def training_experiences(*, limit: int | None = None) -> list[dict]:
     )
     if limit:
         qs = qs.reverse()[:limit]
-    runs: dict = {}
-    out = []
-    for e in qs:
-        if e.run_id not in runs:
-            runs[e.run_id] = (_run_cohort(e.run), _run_final_metric(e.run))
-        cohort, final = runs[e.run_id]
-        out.append(
-            {
-                "state": e.state,
-                "blueprints": e.blueprints,
-                "fits": e.fits,
-                "action": {
-                    k: e.action.get(k) for k in ("action", "layer", "seed", "blueprint_index")
-                },
-                "behavior_logprob": e.behavior_logprob,
-                "reward": e.reward,
-                "run": str(e.run_id),
-                "cohort": cohort,
-                "final_metric": final,
-            }
-        )
-    return out
+    rows = list(qs)
+    behaviour, by_id = {}, {}
+    for e in rows:
+        behaviour.setdefault(e.run_id, set()).add((e.policy_name, e.policy_version_id))
+        by_id[e.run_id] = e.run
+    runs = {
+        pk: (_run_cohort(run, behaviour[pk]), _run_final_metric(run)) for pk, run in by_id.items()
+    }
+    return [
+        {
+            "state": e.state,
+            "blueprints": e.blueprints,
+            "fits": e.fits,
+            "action": {k: e.action.get(k) for k in ("action", "layer", "seed", "blueprint_index")},
+            "behavior_logprob": e.behavior_logprob,
+            "reward": e.reward,
+            "run": str(e.run_id),
+            "cohort": runs[e.run_id][0],
+            "final_metric": runs[e.run_id][1],
+        }
+        for e in rows
+    ]
 
 
 def policy_train_enqueue(*, seed: int = 0, epochs: int | None = None) -> None:

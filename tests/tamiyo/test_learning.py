@@ -102,36 +102,38 @@ def test_a_corrupt_checkpoint_leaves_decisions_working_with_the_cold_start_polic
 
 
 @pytest.mark.django_db
-def test_training_credits_each_decision_with_how_its_run_ended(api_client, catalogue):
-    """Finished runs of one model are compared by their final metric; a run of another
-    model, a failed run and a bogus final metric take no part."""
+def test_training_credits_each_growth_decision_with_how_its_run_ended(api_client, catalogue):
+    """Finished runs of one model and behaviour are compared by their final metric; a run of
+    another model or another policy, a failed run and a bogus final metric take no part."""
     from tamiyo import services
     from tamiyo.reward import terminal_credit
 
     docs = [graph_doc(health_snapshot(seed), progress=0.3) for seed in range(2)]
     mlp = {"params": 610, "layers": [{"name": "fc1"}, {"name": "fc2"}]}
     runs = {}
-    for name, summary, status, final in [
-        ("low", mlp, "finished", 0.90),
-        ("high", mlp, "finished", 0.96),
-        ("failed", mlp, "failed", 0.99),
-        ("bogus", mlp, "finished", "best"),
-        ("wide", {**mlp, "params": 2410}, "finished", 0.97),
+    for name, summary, status, final, policy in [
+        ("low", mlp, "finished", 0.90, "random"),
+        ("high", mlp, "finished", 0.96, "random"),
+        ("failed", mlp, "failed", 0.99, "random"),
+        ("bogus", mlp, "finished", "best", "random"),
+        ("wide", {**mlp, "params": 2410}, "finished", 0.97, "random"),
+        ("guided", mlp, "finished", 0.99, "heuristic"),
     ]:
         body = {"name": name, "model_summary": summary, "config": {"total_steps": 1440}}
         run_id = api_client.post("/api/v1/runs/", body, format="json").json()["id"]
-        _collect(api_client, run_id, docs, 8, policy="random")
+        _collect(api_client, run_id, docs, 8, policy=policy)
         patch = {"status": status, "metrics": {"final_metric": final}}
         response = api_client.patch(f"/api/v1/runs/{run_id}/", patch, format="json")
         assert response.status_code == 200, response.content
         runs[run_id] = name
 
     experiences = services.training_experiences()
-    assert len(experiences) == 40
+    assert len(experiences) == 48
     by_name = {runs[e["run"]]: e for e in experiences}
     assert by_name["low"]["final_metric"] == 0.90 and by_name["high"]["final_metric"] == 0.96
     assert by_name["failed"]["final_metric"] is None and by_name["bogus"]["final_metric"] is None
     assert by_name["low"]["cohort"] == by_name["failed"]["cohort"] != by_name["wide"]["cohort"]
+    assert by_name["guided"]["cohort"] != by_name["low"]["cohort"]
     credited, summary = terminal_credit(experiences)
     grew = [
         (runs[e["run"]], e, c)
