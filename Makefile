@@ -44,7 +44,7 @@ format: $(STAMP)
 	$(BIN)/ruff check --fix .
 
 # Every benchmark on the embedded default (JSON and plots in benchmarks/results/); the
-# MNIST-1D growth run (about 12 minutes here) is `benchmarks/growth.py --dataset mnist1d`.
+# MNIST-1D growth run (8 to 17 minutes here) is `benchmarks/growth.py --dataset mnist1d`.
 bench: $(STAMP)
 	$(BIN)/python benchmarks/compile.py
 	$(BIN)/python benchmarks/overhead.py
