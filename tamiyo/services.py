@@ -326,18 +326,16 @@ def _run_final_metric(run: TrainingRun) -> float | None:
 
 
 def training_experiences(*, limit: int | None = None) -> list[dict]:
-    qs = (
-        Experience.objects.filter(reward__isnull=False).select_related("run").order_by("created_at")
-    )
+    qs = Experience.objects.filter(reward__isnull=False).order_by("created_at")
     if limit:
         qs = qs.reverse()[:limit]
     rows = list(qs)
-    behaviour, by_id = {}, {}
+    behaviour: dict = {}
     for e in rows:
         behaviour.setdefault(e.run_id, set()).add((e.policy_name, e.policy_version_id))
-        by_id[e.run_id] = e.run
     runs = {
-        pk: (_run_cohort(run, behaviour[pk]), _run_final_metric(run)) for pk, run in by_id.items()
+        pk: (_run_cohort(run, behaviour[pk]), _run_final_metric(run))
+        for pk, run in TrainingRun.objects.in_bulk(list(behaviour)).items()
     }
     return [
         {
