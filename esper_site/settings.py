@@ -11,6 +11,7 @@ import os
 from pathlib import Path
 
 import environ
+from django.core.exceptions import ImproperlyConfigured
 
 from tezzeret.version import COMPILER_VERSION
 
@@ -227,6 +228,13 @@ CELERY_BEAT_SCHEDULE = (
     if TAMIYO_TRAIN_SCHEDULE_S
     else {}
 )
+# Policy training blends each graft's reward with how its run ended, by this weight
+# (tamiyo.reward.terminal_credit; 0: the step reward alone).
+TAMIYO_TERMINAL_WEIGHT = env.float("TAMIYO_TERMINAL_WEIGHT", default=0.5)
+if not 0.0 <= TAMIYO_TERMINAL_WEIGHT <= 1.0:
+    raise ImproperlyConfigured(
+        f"TAMIYO_TERMINAL_WEIGHT must be a number in [0, 1], got {TAMIYO_TERMINAL_WEIGHT}"
+    )
 ESPER_HEALTH_PING_TIMEOUT = env.float("ESPER_HEALTH_PING_TIMEOUT", default=0.5)
 
 LOGGING = {

@@ -19,7 +19,7 @@ from django.db.models import Max
 from tamiyo.graph import GraphError, to_data, validate_graph
 from tamiyo.models import Experience, PolicyVersion, TrainingRun
 from tamiyo.policy import GNNPolicy, HeuristicPolicy, create_policy
-from tamiyo.reward import TERMINAL_WEIGHT, compute_reward, terminal_credit
+from tamiyo.reward import compute_reward, terminal_credit
 from urza import services as urza_services
 from urza.errors import ApplicationError
 from urza.models import Blueprint
@@ -428,13 +428,16 @@ def policy_train(
     seed: int = 0,
     epochs: int | None = None,
     limit: int = 5000,
-    terminal_weight: float = TERMINAL_WEIGHT,
+    terminal_weight: float | None = None,
 ) -> dict:
     """Train a candidate from the stored experiences; keep it as a new version, and make it
     active only if its held-out score is no worse than the current policy's. Rewards are
-    blended with their runs' terminal credit (`tamiyo.reward.terminal_credit`) for both."""
+    blended with their runs' terminal credit (`tamiyo.reward.terminal_credit`) for both, by
+    `terminal_weight` (None: the TAMIYO_TERMINAL_WEIGHT setting)."""
     from tamiyo.training import DEFAULT_EPOCHS, MIN_EXPERIENCES, evaluate_policy, train_policy
 
+    if terminal_weight is None:
+        terminal_weight = settings.TAMIYO_TERMINAL_WEIGHT
     experiences, terminal = terminal_credit(
         training_experiences(limit=limit), weight=terminal_weight
     )

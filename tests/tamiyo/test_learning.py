@@ -7,6 +7,9 @@ policy must pick the paying layer far more often than the random policy did.
 """
 
 import math
+import os
+import subprocess
+import sys
 
 import pytest
 
@@ -102,7 +105,9 @@ def test_a_corrupt_checkpoint_leaves_decisions_working_with_the_cold_start_polic
 
 
 @pytest.mark.django_db
-def test_training_credits_each_growth_decision_with_how_its_run_ended(api_client, catalogue):
+def test_training_credits_each_growth_decision_with_how_its_run_ended(
+    api_client, catalogue, settings
+):
     """Finished runs of one model and behaviour are compared by their final metric; a run of
     another model or another policy, a failed run and a bogus final metric take no part."""
     from tamiyo import services
@@ -154,3 +159,21 @@ def test_training_credits_each_growth_decision_with_how_its_run_ended(api_client
     assert result["status"] == "trained"
     version = PolicyVersion.objects.get(version=result["version"])
     assert version.metrics["terminal_credit"] == summary
+
+    settings.TAMIYO_TERMINAL_WEIGHT = 0.0  # the step reward alone
+    result = services.policy_train(seed=0, epochs=2)
+    version = PolicyVersion.objects.get(version=result["version"])
+    assert version.metrics["terminal_credit"]["credited"] == 0
+
+
+def test_a_terminal_weight_outside_0_1_stops_the_server_from_starting_with_a_clear_error():
+    env = {**os.environ, "TAMIYO_TERMINAL_WEIGHT": "2"}
+    result = subprocess.run(
+        [sys.executable, "-c", "import django; django.setup()"],
+        env={**env, "DJANGO_SETTINGS_MODULE": "esper_site.settings"},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode != 0
+    assert "TAMIYO_TERMINAL_WEIGHT must be a number in [0, 1], got 2.0" in result.stderr
