@@ -76,7 +76,7 @@ def test_a_germinate_decision_runs_the_lifecycle_without_blocking_and_is_rewarde
     run = TrainingRun.objects.get(pk=controller.run_id)
     assert run.status == "finished" and run.config["param_budget"] == 5_000
     assert run.metrics["controller"]["germinated"] == 1
-    # The final validation metric, which policy training credits to the run's decisions.
+    # The final validation metric, which policy training credits to the run's grafts.
     assert run.metrics["final_metric"] == loop.accuracy()
     assert waits.exists(), "wait decisions get their outcome too"
 
