@@ -97,6 +97,7 @@ VARIANTS = (
 )
 # The knobs (tuned on the validation split); the growth knobs are `Growth`'s defaults.
 EPOCHS, LR, BATCH = 40, 3e-3, 32
+SEEDS = 5  # the reported runs; other counts write growth-seedsN.* beside them
 FRONTIER_WIDTHS = (10, 12, 14, 15, 16, 24)  # static widths between small (8) and large (32)
 EXPLORE_RUNS, EXPLORE_SEED = 0, 1000  # extra random-policy runs for the first policy version
 
@@ -315,8 +316,9 @@ def main() -> None:
     parser.add_argument(
         "--seeds",
         type=int,
-        default=5,
-        help="seeds 0..N-1 (default 5, the reported runs; other counts write growth-seedsN.*)",
+        default=SEEDS,
+        help=f"seeds 0..N-1 (default {SEEDS}, the reported runs; other counts write "
+        "growth-seedsN.*)",
     )
     parser.add_argument("--epochs", type=int, default=EPOCHS)
     parser.add_argument("--policy-timeout", type=float, default=300.0)
@@ -541,7 +543,7 @@ def main() -> None:
         "total_s": time.monotonic() - started,
     }
     name = "growth" if args.dataset == "digits" else f"growth-{args.dataset}"
-    if args.seeds != 5:  # the reported runs have 5 seeds; others go beside them
+    if args.seeds != SEEDS:
         name += f"-seeds{args.seeds}"
     path = save(name, payload)
     plot(

@@ -229,7 +229,8 @@ CELERY_BEAT_SCHEDULE = (
     else {}
 )
 # Policy training blends each graft's reward with how its run ended, by this weight
-# (tamiyo.reward.terminal_credit; 0: the step reward alone).
+# (tamiyo.reward.terminal_credit, whose own default, TERMINAL_WEIGHT, is the same 0.5;
+# settings do not import tamiyo, which pulls in torch. 0: the step reward alone).
 TAMIYO_TERMINAL_WEIGHT = env.float("TAMIYO_TERMINAL_WEIGHT", default=0.5)
 if not 0.0 <= TAMIYO_TERMINAL_WEIGHT <= 1.0:
     raise ImproperlyConfigured(

@@ -27,12 +27,12 @@ from the behaviour policy over epochs, with the truncated ρ correcting for who 
 action.
 
 The last term keeps the policy near Tamiyo's heuristic (the cold-start policy: wait until
-the loss stops falling steeply, then bridges first, the largest kernel that fits) on every training state, so it
-departs from the heuristic only where the rewards pull harder than the prior; the
-heuristic's own sampling temperature keeps that prior soft. Without it, a version learnt
-from a few dozen grafts picked blueprints almost uniformly, and which ones it favoured
-followed whichever actions the random runs had happened to try: over five growth
-benchmark runs the GNN ended anywhere from 94.44 to 96.83 %.
+the loss stops falling steeply, then bridges first, the largest kernel that fits) on every
+training state, so it departs from the heuristic only where the rewards pull harder than
+the prior; the heuristic's own sampling temperature keeps that prior soft. Without it, a
+version learnt from a few dozen grafts picked blueprints almost uniformly, and which ones
+it favoured followed whichever actions the random runs had happened to try: over five
+growth benchmark runs the GNN ended anywhere from 94.44 to 96.83 %.
 
 Evaluation (`evaluate_policy`) is self-normalised importance sampling over experiences:
 ``score = Σ w_i R_i / Σ w_i`` with ``w_i = clip(π(a_i|s_i) / b(a_i|s_i), 0, max_weight)``:
