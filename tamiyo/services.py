@@ -8,6 +8,7 @@ import logging
 import math
 import os
 import threading
+from dataclasses import dataclass
 from functools import lru_cache
 
 import torch
@@ -18,7 +19,7 @@ from django.db.models import Max
 
 from tamiyo.graph import GraphError, to_data, validate_graph
 from tamiyo.models import Experience, PolicyVersion, TrainingRun
-from tamiyo.policy import GNNPolicy, HeuristicPolicy, create_policy
+from tamiyo.policy import ActionDistribution, GNNPolicy, HeuristicPolicy, create_policy
 from tamiyo.reward import compute_reward, terminal_credit
 from urza import services as urza_services
 from urza.errors import ApplicationError
@@ -183,6 +184,52 @@ def _rng() -> torch.Generator:
 
 
 # -- decisions and outcomes -------------------------------------------------------------
+@dataclass(frozen=True)
+class Choice:
+    """What a decision is drawn from: the validated graph, the catalogue as the policy saw
+    it, the feasible (site, blueprint) pairs, and the deciding policy's exact distribution."""
+
+    doc: dict
+    descriptors: list[dict]
+    blueprints: list[Blueprint]
+    fits: list[list[bool]]
+    distribution: ActionDistribution
+    policy_name: str
+    version: PolicyVersion | None
+
+
+def decision_distribution(
+    *, run: TrainingRun, graph: object, policy_name: str | None = None, dtype: str = "float32"
+) -> Choice:
+    """The action distribution `decision_make` samples from for this run and graph: the
+    active policy's (or the named baseline's) over the catalogue's feasible grafts."""
+    try:
+        doc = validate_graph(graph)
+    except GraphError as exc:
+        field = f"graph.{exc.field}" if getattr(exc, "field", "") else "graph"
+        raise ApplicationError(
+            f"{field}: {getattr(exc, 'message', exc)}", detail={field: [str(exc)]}
+        ) from exc
+    descriptors, blueprints = catalogue_descriptors()
+    fits, estimates = feasibility(
+        doc=doc, blueprints=blueprints, dtype=dtype, budget=budget_left(doc=doc, run=run)
+    )
+    for descriptor, estimate in zip(descriptors, estimates, strict=True):
+        descriptor["params_estimate"] = estimate
+    version = None
+    if policy_name in (None, "gnn"):
+        policy, version, used = policy_active()
+    else:
+        policy, used = create_policy(policy_name), policy_name
+    with torch.no_grad():
+        distribution = policy.distribution(
+            to_data(doc),
+            descriptors,
+            fits=torch.tensor(fits, dtype=torch.bool).reshape(len(fits), len(blueprints)),
+        )
+    return Choice(doc, descriptors, blueprints, fits, distribution, used, version)
+
+
 def decision_make(
     *,
     run: TrainingRun,
@@ -205,32 +252,9 @@ def decision_make(
             code="run_finished",
             status=409,
         )
-    try:
-        doc = validate_graph(graph)
-    except GraphError as exc:
-        field = f"graph.{exc.field}" if getattr(exc, "field", "") else "graph"
-        raise ApplicationError(
-            f"{field}: {getattr(exc, 'message', exc)}", detail={field: [str(exc)]}
-        ) from exc
-    descriptors, blueprints = catalogue_descriptors()
-    fits, estimates = feasibility(
-        doc=doc, blueprints=blueprints, dtype=dtype, budget=budget_left(doc=doc, run=run)
-    )
-    for descriptor, estimate in zip(descriptors, estimates, strict=True):
-        descriptor["params_estimate"] = estimate
-    version = None
-    if policy_name in (None, "gnn"):
-        policy, version, used = policy_active()
-    else:
-        policy, used = create_policy(policy_name), policy_name
-    data = to_data(doc)
-    decision = policy.decide(
-        data,
-        descriptors,
-        rng=_rng(),
-        greedy=greedy,
-        fits=torch.tensor(fits, dtype=torch.bool).reshape(len(fits), len(blueprints)),
-    )
+    choice = decision_distribution(run=run, graph=graph, policy_name=policy_name, dtype=dtype)
+    doc, blueprints = choice.doc, choice.blueprints
+    decision = choice.distribution.decision(rng=_rng(), greedy=greedy, policy=choice.policy_name)
     action = decision.as_action()
     try:
         with transaction.atomic():
@@ -253,11 +277,11 @@ def decision_make(
                 step=doc["step"],
                 epoch=epoch,
                 state=doc,
-                blueprints=descriptors,
-                fits=fits,
+                blueprints=choice.descriptors,
+                fits=choice.fits,
                 action=action,
-                policy_version=version,
-                policy_name=used,
+                policy_version=choice.version,
+                policy_name=choice.policy_name,
                 behavior_logprob=0.0 if greedy else decision.logprob,
                 kernel=kernel,
             )
