@@ -20,6 +20,7 @@ import queue
 import threading
 import time
 import warnings
+import weakref
 from collections import OrderedDict
 from concurrent.futures import Future
 from dataclasses import dataclass
@@ -101,6 +102,17 @@ class _Breaker:
     failures: int = 0
     retry_at: float = 0.0
     last_error: str = ""
+
+
+def _serve(ref: weakref.ref[KernelLoader], jobs: queue.SimpleQueue) -> None:
+    """A loader's background thread: fetch queued kernels until closed or collected."""
+    while True:
+        item = jobs.get()
+        loader = ref()
+        if item is None or loader is None:
+            return
+        loader._serve_one(*item)
+        del loader
 
 
 class KernelLoader:
@@ -298,29 +310,29 @@ class KernelLoader:
                 return future
             self._inflight[kernel_id] = future
             if self._thread is None:
+                # The thread holds the loader weakly (as ThreadPoolExecutor's workers do):
+                # a loader dropped without close() is collected, and then its thread ends
+                # and lets go of the client and its pooled connections.
+                stop = self._queue
+                ref = weakref.ref(self, lambda _ref: stop.put(None))
                 self._thread = threading.Thread(
-                    target=self._serve, name="kasmina-loader", daemon=True
+                    target=_serve, args=(ref, stop), name="kasmina-loader", daemon=True
                 )
                 self._thread.start()
         self._queue.put((kernel_id, future))
         return future
 
-    def _serve(self) -> None:
-        while True:
-            item = self._queue.get()
-            if item is None:
-                return
-            kernel_id, future = item
-            try:
-                if future.set_running_or_notify_cancel():
-                    try:
-                        future.set_result(self.fetch(kernel_id))
-                    except BaseException as exc:  # noqa: BLE001 - handed to the caller
-                        future.set_exception(exc)
-            finally:
-                with self._lock:
-                    if self._inflight.get(kernel_id) is future:
-                        del self._inflight[kernel_id]
+    def _serve_one(self, kernel_id: str, future: Future[LoadedKernel]) -> None:
+        try:
+            if future.set_running_or_notify_cancel():
+                try:
+                    future.set_result(self.fetch(kernel_id))
+                except BaseException as exc:  # noqa: BLE001 - handed to the caller
+                    future.set_exception(exc)
+        finally:
+            with self._lock:
+                if self._inflight.get(kernel_id) is future:
+                    del self._inflight[kernel_id]
 
     def close(self, timeout: float | None = 10.0) -> None:
         """Stop the background thread after the fetch in progress; queued ones are cancelled."""

@@ -1,7 +1,10 @@
 from __future__ import annotations
 
+import gc
 import os
 import socket
+import threading
+import time
 
 import pytest
 from django.conf import settings
@@ -47,6 +50,28 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "served" in item.keywords and not served:
             item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def live_server(live_server):
+    """pytest-django's live server, and at the end of the session the clients' idle pooled
+    connections to it let go: a handler thread parked on a keep-alive connection holds its
+    own database connection (Django closes it when the HTTP connection ends), and on
+    Postgres an open one stops the test database from being dropped."""
+    yield live_server
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline and _handler_threads(live_server):
+        gc.collect()  # clients the tests dropped close their sockets, and those handlers end
+        time.sleep(0.05)
+
+
+def _handler_threads(server) -> list[threading.Thread]:
+    daemon = server.thread
+    return [
+        t
+        for t in threading.enumerate()
+        if t.daemon and t is not daemon and "process_request" in t.name
+    ]
 
 
 @pytest.fixture(scope="session")

@@ -1,9 +1,11 @@
 """KernelLoader: fetch → verify → deserialise from a live server, caches, breaker, background."""
 
+import gc
 import hashlib
 import json
 import threading
 import time
+import weakref
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
@@ -200,6 +202,19 @@ def test_submit_loads_on_a_background_thread_and_shares_the_in_flight_future(
     loader.close()
     with pytest.raises(KasminaError, match="closed"):
         loader.submit(kernel.id)
+
+
+def test_a_loader_dropped_without_close_lets_its_thread_and_client_go(client, kernel):
+    """A wrapped model thrown away unclosed must not leave a thread (and, through it, the
+    client's pooled HTTP connections) behind."""
+    loader = KernelLoader(client)
+    loader.submit(kernel.id).result(timeout=60)
+    thread, loader_ref = loader._thread, weakref.ref(loader)
+    assert thread.is_alive()
+    del loader
+    gc.collect()
+    thread.join(timeout=10)
+    assert loader_ref() is None and not thread.is_alive()
 
 
 def test_disk_cache_lets_a_new_process_load_with_the_registry_down(
