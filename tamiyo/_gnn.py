@@ -12,6 +12,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 from torch import Tensor, nn
@@ -301,7 +302,10 @@ class GNNPolicy(nn.Module):
 
     @classmethod
     def load_safetensors(cls, data: bytes, config: Mapping) -> GNNPolicy:
-        """Rebuild a policy from `save_safetensors` bytes and its `config()`."""
+        """Rebuild a policy from `save_safetensors` bytes and its `config()`; a `ValueError`
+        for anything that is not such a pair."""
+        if not isinstance(config, Mapping):
+            raise ValueError(f"policy config must be an object, got {type(config).__name__}")
         cfg = dict(config)
         version = cfg.pop("feature_version", FEATURE_VERSION)
         if version != FEATURE_VERSION:
@@ -317,7 +321,13 @@ class GNNPolicy(nn.Module):
                 raise ValueError(f"checkpoint {key} differ from this code's; retrain the policy")
         try:
             policy = cls(**cfg)
-            policy.load_state_dict(st_load(bytes(data)))
+            state = st_load(bytes(data))
+        except SafetensorError as exc:
+            raise ValueError(f"checkpoint is not a safetensors file ({exc})") from exc
+        except (TypeError, ValueError, RuntimeError) as exc:
+            raise ValueError(f"checkpoint or config unreadable ({exc})") from exc
+        try:
+            policy.load_state_dict(state)
         except (TypeError, RuntimeError) as exc:
             raise ValueError(
                 f"checkpoint does not match its config ({exc}); save both from the same policy"

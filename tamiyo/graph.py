@@ -58,6 +58,7 @@ GRAPH_SCHEMA = "esper.graph/1"
 FEATURE_VERSION = 2
 MAX_LAYERS = 512
 MAX_SEEDS = 16
+MAX_INTEGER = 2**53  # steps, widths and counts: exact as floats (features are floats)
 
 STAGES = (
     "DORMANT",
@@ -177,7 +178,10 @@ def _fields(
 def _number(value: object, path: str, *, lo: float | None = None, hi: float | None = None) -> float:
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise GraphError(path, f"expected a number, got {type(value).__name__}")
-    out = float(value)
+    try:
+        out = float(value)
+    except OverflowError:  # an integer beyond any float
+        raise GraphError(path, "must be finite, got an integer too large for a float") from None
     if not math.isfinite(out):
         raise GraphError(path, f"must be finite, got {out}")
     if (lo is not None and out < lo) or (hi is not None and out > hi):
@@ -185,11 +189,12 @@ def _number(value: object, path: str, *, lo: float | None = None, hi: float | No
     return out
 
 
-def _integer(value: object, path: str, *, lo: int = 0, hi: int | None = None) -> int:
+def _integer(value: object, path: str, *, lo: int = 0, hi: int = MAX_INTEGER) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
         raise GraphError(path, f"expected an integer, got {type(value).__name__}")
-    if value < lo or (hi is not None and value > hi):
-        raise GraphError(path, f"must be in [{lo}, {hi if hi is not None else '∞'}], got {value}")
+    if not lo <= value <= hi:
+        shown = value if abs(value) < 10**30 else f"an integer of {value.bit_length()} bits"
+        raise GraphError(path, f"must be in [{lo}, {hi}], got {shown}")
     return value
 
 

@@ -71,6 +71,7 @@ __all__ = [
 
 TERMINAL_WEIGHT = 0.5
 TERMINAL_SCALE = 20.0
+MAX_COUNT = 2**53  # parameters added, failures: exact as floats
 
 GERMINATE_OUTCOME_FIELDS = (
     "final_stage",
@@ -107,15 +108,30 @@ def _number(outcome: Mapping, key: str, *, nullable: bool = False) -> float | No
     value = outcome[key]
     if value is None and nullable:
         return None
-    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
-        raise ValueError(f"outcome.{key}: expected a finite number, got {value!r}")
+    if isinstance(value, bool) or not isinstance(value, int | float) or not _finite(value):
+        raise ValueError(f"outcome.{key}: expected a finite number, got {_shown(value)}")
     return float(value)
+
+
+def _finite(value: int | float) -> bool:
+    try:
+        return math.isfinite(value)
+    except OverflowError:  # an integer beyond any float
+        return False
+
+
+def _shown(value: object) -> str:
+    if isinstance(value, int) and abs(value) >= 10**30:
+        return f"an integer of {value.bit_length()} bits"
+    return repr(value)
 
 
 def _count(outcome: Mapping, key: str) -> int:
     value = outcome[key]
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise ValueError(f"outcome.{key}: expected a non-negative integer, got {value!r}")
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_COUNT:
+        raise ValueError(
+            f"outcome.{key}: expected an integer in [0, {MAX_COUNT}], got {_shown(value)}"
+        )
     return value
 
 

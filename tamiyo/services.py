@@ -32,6 +32,16 @@ POLICY_NAMES = ("gnn", "heuristic", "random")
 
 # -- runs -------------------------------------------------------------------------------
 def run_create(*, name: str, model_summary: dict, config: dict, owner=None) -> TrainingRun:
+    """A new run. ``config`` is free-form, but its ``param_budget`` (which rewards and the
+    offered kernels are computed from) must be null or a positive integer."""
+    budget = config.get("param_budget")
+    if budget is not None and (
+        isinstance(budget, bool) or not isinstance(budget, int) or not 0 < budget < 2**63
+    ):
+        message = "must be null or a positive integer below 2**63 (parameters growth may add)"
+        raise ApplicationError(
+            f"config.param_budget: {message}", detail={"config.param_budget": [message]}
+        )
     return TrainingRun.objects.create(
         name=name,
         model_summary=model_summary,
@@ -87,8 +97,8 @@ def _site_params(
 def budget_left(*, doc: dict, run: TrainingRun) -> float:
     """Parameters the run may still add: its `param_budget` × (1 − budget_used); inf if none."""
     budget = (run.config or {}).get("param_budget")
-    if not isinstance(budget, int) or isinstance(budget, bool) or budget <= 0:
-        return math.inf
+    if not isinstance(budget, int) or isinstance(budget, bool) or not 0 < budget < 2**63:
+        return math.inf  # none, or beyond anything a model holds
     return budget * max(0.0, 1.0 - float(doc["globals"]["budget_used"]))
 
 
@@ -143,8 +153,16 @@ def policy_load(*, version: PolicyVersion) -> GNNPolicy:
         cached = _policy_cache.get(version.version)
         if cached and cached[0] == version.checkpoint_sha256:
             return cached[1]
-    with version.checkpoint.open("rb") as handle:
-        data = handle.read()
+    try:
+        with version.checkpoint.open("rb") as handle:
+            data = handle.read()
+    except (OSError, ValueError) as exc:  # a missing file, or no file named at all
+        raise ApplicationError(
+            f"checkpoint of policy v{version.version} cannot be read ({exc}); retrain or "
+            "restore the file",
+            code="checkpoint_missing",
+            status=409,
+        ) from exc
     digest = hashlib.sha256(data).hexdigest()
     if digest != version.checkpoint_sha256:
         raise ApplicationError(
@@ -421,8 +439,8 @@ def policy_version_create(
 def policy_activate(*, version: PolicyVersion) -> PolicyVersion:
     """Make `version` the policy every run's decisions use (and the start point of the next
     training job); the previously active one is deactivated. Refuses (409
-    ``checkpoint_corrupt`` / ``policy_unusable``) a version whose checkpoint does not load, so
-    a bad file never becomes the active policy."""
+    ``checkpoint_corrupt`` / ``checkpoint_missing`` / ``policy_unusable``) a version whose
+    checkpoint does not load, so a bad file never becomes the active policy."""
     policy_load(version=version)
     with transaction.atomic():
         PolicyVersion.objects.filter(is_active=True).exclude(pk=version.pk).update(is_active=False)
@@ -434,6 +452,7 @@ def policy_activate(*, version: PolicyVersion) -> PolicyVersion:
 __all__ = [
     "POLICY_NAMES",
     "catalogue_descriptors",
+    "decision_distribution",
     "decision_make",
     "experience_record_outcome",
     "policy_activate",

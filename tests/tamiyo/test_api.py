@@ -399,3 +399,62 @@ def test_the_admin_activates_one_selected_version(admin_client):
     )
     assert "exactly one" in page.content.decode()
     assert PolicyVersion.objects.get(is_active=True).pk == second.pk
+
+
+@pytest.mark.parametrize("budget", [-1, 0, "1000", 1.5, True, [5]])
+def test_a_run_s_param_budget_must_be_null_or_a_positive_integer(api_client, budget):
+    response = api_client.post(
+        "/api/v1/runs/", {"name": "r", "config": {"param_budget": budget}}, format="json"
+    )
+    assert response.status_code == 400, response.content
+    assert "config.param_budget" in _error(response)["detail"]
+    assert not TrainingRun.objects.exists()
+    for fine in (None, 1, 2**62):
+        response = api_client.post(
+            "/api/v1/runs/", {"name": "r", "config": {"param_budget": fine}}, format="json"
+        )
+        assert response.status_code == 201, response.content
+
+
+def _unloadable(version: PolicyVersion, how: str) -> None:
+    """Damage `version` so that its checkpoint matches its sha256 but does not load."""
+    import hashlib
+
+    from django.core.files.base import ContentFile
+
+    from tamiyo import services
+
+    services._policy_cache.clear()
+    if how == "not safetensors":
+        data = b"x" * 64
+        version.checkpoint.save("junk.safetensors", ContentFile(data))
+        PolicyVersion.objects.filter(pk=version.pk).update(
+            checkpoint_sha256=hashlib.sha256(data).hexdigest()
+        )
+    elif how == "file missing":
+        version.checkpoint.storage.delete(version.checkpoint.name)
+    else:  # a config that is not an object
+        PolicyVersion.objects.filter(pk=version.pk).update(config=[1, 2])
+
+
+@pytest.mark.parametrize(
+    ("how", "code"),
+    [
+        ("not safetensors", "policy_unusable"),
+        ("file missing", "checkpoint_missing"),
+        ("config a list", "policy_unusable"),
+    ],
+)
+def test_a_version_that_cannot_load_is_refused_and_decisions_fall_back(
+    staff_client, run, health, catalogue, how, code
+):
+    active, broken = _version(activate=True), _version(activate=False)
+    _unloadable(broken, how)
+    response = staff_client.post(f"/api/v1/policies/{broken.version}/activate/")
+    assert response.status_code == 409 and _error(response)["code"] == code
+    assert PolicyVersion.objects.get(is_active=True).pk == active.pk
+
+    _unloadable(active, how)  # the active one damaged in place: decisions still answer
+    response = _decide(staff_client, run, graph_doc(health))
+    assert response.status_code == 201, response.content
+    assert response.json()["policy"] == "heuristic"

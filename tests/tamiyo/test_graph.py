@@ -176,3 +176,22 @@ def test_single_layer_graph_has_only_same_layer_edges():
     assert data.num_nodes == 3
     assert data.edge_index.shape == (2, 6)
     assert data.x[:, NODE_FEATURES.index("depth")].tolist() == [0.0] * 3
+
+
+@pytest.mark.parametrize(
+    ("where", "value"),
+    [("step", 2**60), ("step", 10**400), ("in", 2**53 + 1), ("params", 10**40)],
+)
+def test_integers_beyond_a_float_s_exact_range_are_refused(where, value):
+    doc = make_doc()
+    if where == "step":
+        doc["step"] = value
+    else:
+        doc["layers"][0][where] = value
+    error = _error(doc)
+    assert "must be in [" in str(error) and len(str(error)) < 200
+
+
+def test_a_number_beyond_any_float_is_refused_as_not_finite():
+    doc = make_doc(loss=10**400)
+    assert "must be finite" in str(_error(doc))

@@ -159,3 +159,24 @@ def test_terminal_credit_rates_each_run_against_the_other_runs_of_its_cohort():
 def test_terminal_credit_rejects_bad_input_with_a_clear_error(experiences, options, message):
     with pytest.raises(ValueError, match=message):
         terminal_credit(experiences, **options)
+
+
+@pytest.mark.parametrize(
+    ("over", "says"),
+    [
+        (
+            {"metric_after": 10**400},
+            "outcome.metric_after: expected a finite number, got an integer",
+        ),
+        ({"contribution": -(10**400)}, "outcome.contribution: expected a finite number"),
+        (
+            {"params_added": 2**60},
+            "outcome.params_added: expected an integer in [0, 9007199254740992]",
+        ),
+        ({"failures": 10**400}, "outcome.failures: expected an integer in [0,"),
+    ],
+)
+def test_numbers_beyond_any_float_are_a_value_error_not_an_overflow(over, says):
+    with pytest.raises(ValueError) as info:
+        compute_reward(germinate(**over), action="germinate")
+    assert str(info.value).startswith(says) and len(str(info.value)) < 200

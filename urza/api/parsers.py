@@ -1,13 +1,63 @@
 from __future__ import annotations
 
 from django.conf import settings
+from rest_framework.exceptions import ParseError
 from rest_framework.parsers import JSONParser
 
 from urza.errors import ApplicationError
 
+MAX_DEPTH = 64
+"""Nesting the API accepts: the deepest document it defines (a graph's seed stats) is 5."""
+
+MAX_INT = 2**63 - 1
+"""Largest integer magnitude a JSON body may hold: what a database bigint stores."""
+
+
+def check_json(data: object) -> None:
+    """Reject what parses as JSON but cannot be stored or echoed back: nesting deeper than
+    `MAX_DEPTH`, integers beyond a bigint, and strings (values or keys) with a NUL
+    character (Postgres text and jsonb refuse it) or a lone UTF-16 surrogate (not valid
+    Unicode: it cannot be written out as UTF-8). Iterative, so no input can exhaust the
+    stack."""
+    stack: list[tuple[object, str, int]] = [(data, "", 0)]
+    while stack:
+        value, path, depth = stack.pop()
+        if depth > MAX_DEPTH:
+            raise ParseError(f"JSON nested more than {MAX_DEPTH} levels deep")
+        if isinstance(value, dict):
+            for key, item in value.items():
+                _check_text(key, f"{path}.{_show(key)}" if path else _show(key), key=True)
+                stack.append((item, f"{path}.{_show(key)}" if path else _show(key), depth + 1))
+        elif isinstance(value, list):
+            stack.extend((item, f"{path}[{i}]", depth + 1) for i, item in enumerate(value))
+        elif isinstance(value, str):
+            _check_text(value, path or "body", key=False)
+        elif isinstance(value, int) and not isinstance(value, bool) and abs(value) > MAX_INT:
+            raise ParseError(f"{path or 'body'}: integer out of range (at most ±{MAX_INT})")
+
+
+def _show(key: str) -> str:
+    """A key as error messages may print it (never the bad character itself)."""
+    shown = key.encode("utf-8", "backslashreplace").decode("utf-8").replace("\x00", "\\u0000")
+    return shown if len(shown) <= 64 else shown[:61] + "..."
+
+
+def _check_text(text: str, path: str, *, key: bool) -> None:
+    what = "a key" if key else "a string"
+    if "\x00" in text:
+        raise ParseError(f"{path}: {what} contains a NUL character (\\u0000), which is not stored")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ParseError(
+            f"{path}: {what} contains a lone UTF-16 surrogate (\\ud800-\\udfff), "
+            "which is not valid Unicode"
+        ) from None
+
 
 class BoundedJSONParser(JSONParser):
-    """JSON bodies up to `DATA_UPLOAD_MAX_MEMORY_SIZE` bytes; larger ones get a 413."""
+    """JSON bodies up to `DATA_UPLOAD_MAX_MEMORY_SIZE` bytes (larger ones get a 413), and
+    only what `check_json` accepts."""
 
     def parse(self, stream, media_type=None, parser_context=None):
         limit = settings.DATA_UPLOAD_MAX_MEMORY_SIZE
@@ -24,4 +74,9 @@ class BoundedJSONParser(JSONParser):
                 code="payload_too_large",
                 status=413,
             )
-        return super().parse(stream, media_type, parser_context)
+        try:
+            data = super().parse(stream, media_type, parser_context)
+        except RecursionError:
+            raise ParseError(f"JSON nested more than {MAX_DEPTH} levels deep") from None
+        check_json(data)
+        return data
