@@ -9,10 +9,28 @@ from __future__ import annotations
 import ast
 from fractions import Fraction
 
-__all__ = ["MAX_EXPR_CHARS", "SYMBOLS", "IRError", "eval_expr", "parse_expr"]
+__all__ = [
+    "MAX_EXPR_CHARS",
+    "MAX_EXPR_VALUE",
+    "SYMBOLS",
+    "ExprRangeError",
+    "IRError",
+    "check_range",
+    "eval_expr",
+    "parse_expr",
+]
 
 SYMBOLS = frozenset({"D", "IN", "OUT"})
 MAX_EXPR_CHARS = 120
+# Bound on the magnitude of every value an expression produces, intermediate ones included
+# (a Fraction's numerator and denominator each). Widths are at most MAX_DIM = 2**16 and a
+# seed has at most MAX_PARAMS = 4e6 < 2**22 parameters, so a sensible expression never comes
+# near 2**62 (even D*D*D at MAX_DIM is 2**48), while unbounded exact arithmetic lets a
+# chain of params such as p1 = "p0*p0*...", p0 = "D*D*..." grow exponentially and take
+# seconds, or all memory, on every evaluation. Checked after every operation, this keeps
+# each step to a few machine words.
+MAX_EXPR_VALUE = 2**62
+_MAX_EXPR_VALUE_TEXT = "2**62"
 
 
 class IRError(ValueError):
@@ -22,6 +40,10 @@ class IRError(ValueError):
         super().__init__(f"{field}: {message}")
         self.field = field
         self.message = message
+
+
+class ExprRangeError(IRError):
+    """An expression whose value (or an intermediate one) exceeds `MAX_EXPR_VALUE`."""
 
 
 _EXPR_NODES = (
@@ -64,25 +86,81 @@ def parse_expr(text: str, field: str, names: frozenset[str]) -> tuple[ast.Expres
     return tree, refs
 
 
-def eval_expr(node: ast.AST, env: dict[str, Fraction], field: str) -> Fraction:
-    if isinstance(node, ast.Expression):
-        return eval_expr(node.body, env, field)
-    if isinstance(node, ast.Constant):
-        return Fraction(node.value)
-    if isinstance(node, ast.Name):
-        return env[node.id]
-    if isinstance(node, ast.UnaryOp):
-        value = eval_expr(node.operand, env, field)
-        return -value if isinstance(node.op, ast.USub) else value
-    if isinstance(node, ast.BinOp):
-        left, right = eval_expr(node.left, env, field), eval_expr(node.right, env, field)
-        if isinstance(node.op, ast.Add):
-            return left + right
-        if isinstance(node.op, ast.Sub):
-            return left - right
-        if isinstance(node.op, ast.Mult):
-            return left * right
-        if right == 0:
-            raise IRError(field, "division by zero")
-        return left / right if isinstance(node.op, ast.Div) else Fraction(left // right)
-    raise IRError(field, f"unsupported expression node {type(node).__name__}")  # pragma: no cover
+def _shown(text: str) -> str:
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def check_range(
+    value: Fraction | int, field: str, source: str | None, *, where: str = ""
+) -> Fraction:
+    """``value`` as a Fraction, or `ExprRangeError` if it exceeds `MAX_EXPR_VALUE` in magnitude.
+
+    ``source`` is the expression the value came from (None for an integer literal), for
+    the message.
+    """
+    value = Fraction(value)
+    if abs(value.numerator) > MAX_EXPR_VALUE or value.denominator > MAX_EXPR_VALUE:
+        # Never str() the value itself: it may have thousands of digits.
+        suffix = f" for {where}" if where else ""
+        if source is None:
+            what = f"the integer is out of range{suffix}: it exceeds"
+        else:
+            what = (
+                f"expression {_shown(source.strip())!r} is out of range{suffix}: "
+                "a value in it exceeds"
+            )
+        raise ExprRangeError(
+            field,
+            f"{what} {_MAX_EXPR_VALUE_TEXT} in magnitude (dimensions are at most a few tens "
+            "of thousands)",
+        )
+    return value
+
+
+def eval_expr(
+    node: ast.AST,
+    env: dict[str, Fraction],
+    field: str,
+    *,
+    text: str | None = None,
+    where: str = "",
+) -> Fraction:
+    """Evaluate a tree from `parse_expr` exactly; every value's magnitude is bounded.
+
+    ``text`` (the source; unparsed from ``node`` if omitted) and ``where`` (the symbol
+    values, e.g. ``D=64, IN=64, OUT=64``) only go into error messages. Raises
+    `ExprRangeError` as soon as a value exceeds `MAX_EXPR_VALUE`, and `IRError` on
+    division by zero.
+    """
+
+    def check(value: Fraction) -> Fraction:
+        return check_range(
+            value, field, text if text is not None else ast.unparse(node), where=where
+        )
+
+    def walk(n: ast.AST) -> Fraction:
+        if isinstance(n, ast.Expression):
+            return walk(n.body)
+        if isinstance(n, ast.Constant):
+            return check(Fraction(n.value))
+        if isinstance(n, ast.Name):
+            return check(env[n.id])
+        if isinstance(n, ast.UnaryOp):
+            value = walk(n.operand)
+            return -value if isinstance(n.op, ast.USub) else value
+        if isinstance(n, ast.BinOp):
+            left, right = walk(n.left), walk(n.right)
+            if isinstance(n.op, ast.Add):
+                return check(left + right)
+            if isinstance(n.op, ast.Sub):
+                return check(left - right)
+            if isinstance(n.op, ast.Mult):
+                return check(left * right)
+            if right == 0:
+                raise IRError(field, "division by zero")
+            if isinstance(n.op, ast.Div):
+                return check(left / right)
+            return check(Fraction(left // right))
+        raise IRError(field, f"unsupported expression node {type(n).__name__}")  # pragma: no cover
+
+    return walk(node)

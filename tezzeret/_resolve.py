@@ -9,7 +9,7 @@ import copy
 from fractions import Fraction
 from typing import TYPE_CHECKING
 
-from tezzeret._expr import SYMBOLS, IRError, eval_expr, parse_expr
+from tezzeret._expr import SYMBOLS, IRError, check_range, eval_expr, parse_expr
 
 if TYPE_CHECKING:
     from tezzeret.ir import Signature
@@ -27,9 +27,10 @@ def se_hidden(dim: int, reduction: int) -> int:
 
 def _dim(value: int | str, field: str, env: dict[str, Fraction], where: str) -> int:
     if isinstance(value, int):
-        result = Fraction(value)
+        result = check_range(value, field, None, where=where)
     else:
-        result = eval_expr(parse_expr(value, field, frozenset(env))[0], env, field)
+        tree = parse_expr(value, field, frozenset(env))[0]
+        result = eval_expr(tree, env, field, text=value, where=where)
     if result.denominator != 1:
         raise IRError(field, f"{value!r} = {result} is not an integer for {where}")
     if result < 1:
@@ -109,9 +110,9 @@ def fit(ir: dict, sig: Signature) -> tuple[dict, int]:
             tree, refs = parse_expr(value, field, SYMBOLS | frozenset(ir["params"]))
             for ref in sorted(refs - SYMBOLS):
                 param(ref)
-            result = eval_expr(tree, env, field)
+            result = eval_expr(tree, env, field, text=value, where=where)
         else:
-            result = Fraction(value)
+            result = check_range(value, field, None, where=where)
         if result.denominator != 1 or result < 1:
             raise IRError(
                 f"params.{name}", f"{value!r} = {result} is not a positive integer for {where}"

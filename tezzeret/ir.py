@@ -17,10 +17,20 @@ import hashlib
 import json
 import keyword
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass
+from fractions import Fraction
 from typing import Any
 
-from tezzeret._expr import SYMBOLS, IRError, parse_expr
+from tezzeret._expr import (
+    MAX_EXPR_VALUE,
+    SYMBOLS,
+    ExprRangeError,
+    IRError,
+    check_range,
+    eval_expr,
+    parse_expr,
+)
 from tezzeret._resolve import MAX_DIM, MAX_PARAMS, fit
 
 __all__ = [
@@ -29,6 +39,7 @@ __all__ = [
     "LAYOUTS",
     "MAX_DEPTH",
     "MAX_DIM",
+    "MAX_EXPR_VALUE",
     "MAX_LAYERS",
     "MAX_PARAMS",
     "OPS",
@@ -120,6 +131,7 @@ def _check_keys(data: dict, allowed: tuple[str, ...] | frozenset[str], path: str
 def _check_dim_value(value: Any, field: str, names: frozenset[str]) -> tuple[int | str, set[str]]:
     """A dimension is an int or an expression string; returns it and the names it uses."""
     if type(value) is int:
+        check_range(value, field, None)
         return value, set()
     if isinstance(value, str):
         return value.strip(), parse_expr(value, field, names)[1]
@@ -250,6 +262,72 @@ def _check_starts_at_zero(layers: list[dict]) -> None:
         )
 
 
+# Widths `_check_ranges` evaluates every expression at (D = IN = OUT): the narrowest and
+# the widest a signature may have.
+_PROBE_WIDTHS = (1, MAX_DIM)
+
+
+def _layer_dims(layers: list[dict], path: str) -> Iterator[tuple[str, int | str]]:
+    """(field, value) of every dimension in validated ``layers``, nested blocks included."""
+    for i, layer in enumerate(layers):
+        for name, spec in _OP_FIELDS[layer["op"]].items():
+            if spec.kind == "dim":
+                yield f"{path}[{i}].{name}", layer[name]
+            elif spec.kind == "layers":
+                yield from _layer_dims(layer[name], f"{path}[{i}].{name}")
+
+
+def _check_ranges(params: dict[str, int | str], layers: list[dict]) -> None:
+    """Reject expressions whose values leave the evaluator's range (`MAX_EXPR_VALUE`).
+
+    Evaluates params and layer dimensions as `fit` would for a signature with
+    D = IN = OUT = each of `_PROBE_WIDTHS`, so an IR that would blow up there (such as a
+    chain of params multiplying the previous one) is refused at submission. Only range
+    errors are reported: whether a value is a usable width depends on the signature and
+    is `fit`'s job, and a param that is not a positive integer there is skipped with
+    everything that uses it, as `fit` would stop at it. Cheap: at most
+    ``MAX_PARAM_NAMES + MAX_LAYERS`` short expressions per width, each value bounded.
+    """
+    for width in _PROBE_WIDTHS:
+        _probe_at(params, layers, width)
+
+
+def _probe_at(params: dict[str, int | str], layers: list[dict], width: int) -> None:
+    names = SYMBOLS | frozenset(params)
+    where = f"D=IN=OUT={width}"
+    env: dict[str, Fraction] = {symbol: Fraction(width) for symbol in SYMBOLS}
+    unusable: set[str] = set()
+
+    def probe(value: int | str, field: str) -> Fraction | None:
+        if isinstance(value, int):
+            return Fraction(value)
+        tree, refs = parse_expr(value, field, names)
+        for ref in sorted(refs - SYMBOLS):
+            param(ref)
+        if refs & unusable:
+            return None
+        try:
+            return eval_expr(tree, env, field, text=value, where=where)
+        except ExprRangeError:
+            raise
+        except IRError:
+            return None
+
+    def param(name: str) -> None:
+        if name in env or name in unusable:
+            return
+        result = probe(params[name], f"params.{name}")
+        if result is None or result.denominator != 1 or result < 1:
+            unusable.add(name)
+        else:
+            env[name] = result
+
+    for name in params:
+        param(name)
+    for field, value in _layer_dims(layers, "layers"):
+        probe(value, field)
+
+
 def validate_ir(data: object) -> dict:
     """Full structural validation at submission time; returns a normalised copy.
 
@@ -287,6 +365,7 @@ def validate_ir(data: object) -> dict:
     layers = _validate_layers(data["layers"], "layers", 1, names, data["layout"], [0])
     if data["graft"] == "residual":
         _check_starts_at_zero(layers)
+    _check_ranges(params, layers)
     return {
         "schema": SCHEMA_ID,
         "name": name,
