@@ -4,6 +4,7 @@ selection (ids that are not ids of the model), which Django would answer with a 
 from __future__ import annotations
 
 from django.contrib import admin, messages
+from django.contrib.admin import helpers
 from django.contrib.admin.apps import AdminConfig
 from django.core.exceptions import ValidationError
 from django.http import HttpResponseRedirect
@@ -14,15 +15,18 @@ class SafeActions:
     a message, not run."""
 
     def response_action(self, request, queryset):
+        pk = self.model._meta.pk
         try:
-            return super().response_action(request, queryset)
-        except (ValidationError, ValueError, TypeError):
+            for value in request.POST.getlist(helpers.ACTION_CHECKBOX_NAME):
+                pk.to_python(value)
+        except ValidationError:
             self.message_user(
                 request,
                 "The selection holds values that are not ids of this model; nothing was done.",
                 messages.ERROR,
             )
             return HttpResponseRedirect(request.get_full_path())
+        return super().response_action(request, queryset)
 
 
 class EsperAdminSite(admin.AdminSite):
