@@ -305,8 +305,9 @@ def train_policy(
 ) -> TrainResult:
     """Train a copy of ``policy`` (a fresh `GNNPolicy` when None) on the rewarded experiences.
 
-    Deterministic given ``seed`` (and ``threads``); the caller's global RNG state and thread
-    count are left as they were. Graphs are small, so the work is overhead-bound and one
+    Deterministic given ``seed`` (and ``threads``) while no other thread of the process
+    draws on torch's global RNG meanwhile (the embedded default's compile threads do); the
+    caller's global RNG state and thread count are left as they were. Graphs are small, so the work is overhead-bound and one
     intra-op thread is fastest; None keeps torch's current setting.
     """
     if not (math.isfinite(prior_coef) and prior_coef >= 0):

@@ -6,17 +6,20 @@ API with the random policy, the training task runs on a real worker, and the new
 policy must pick the paying layer far more often than the random policy did.
 """
 
+import itertools
 import math
 import os
 import subprocess
 import sys
 
 import pytest
+import torch
 
 from tamiyo import services
 from tamiyo.models import PolicyVersion, TrainingRun
 from tests.support import wait_until
 from tests.tamiyo._runtime import graph_doc, health_snapshot
+from urza.models import Kernel
 
 PAYING_LAYER = "2"
 
@@ -74,12 +77,25 @@ def _paying_probability(run_id, docs, policy=None) -> float:
 
 
 def test_the_trained_policy_chooses_the_paying_layer_far_more_often_than_random(
-    celery_worker, catalogue, api_client, settings
+    celery_worker, catalogue, api_client, settings, monkeypatch
 ):
     settings.TAMIYO_TRAIN_EVERY = 0
+    # Each decision samples with a fresh generator; seeding them (instead of os.urandom)
+    # makes the 160 experiences, and so the trained policy, the same every run. Unseeded,
+    # the policy learned from a random draw of them grew the paying layer with probability
+    # 0.40 to 0.92 over 20 runs: a bar between those flakes, one below them tests little.
+    seeds = itertools.count(1000)
+    monkeypatch.setattr(services, "_rng", lambda: torch.Generator().manual_seed(next(seeds)))
     docs = [graph_doc(health_snapshot(seed), progress=p) for seed in range(3) for p in (0.2, 0.6)]
     run_id = api_client.post("/api/v1/runs/", {"name": "synthetic"}, format="json").json()["id"]
     random_rate = _collect(api_client, run_id, docs, 160, policy="random")
+    # The germinations queued compiles. Let them finish first: in the embedded default they
+    # run on threads of this process and draw on torch's global RNG, as training does.
+    wait_until(
+        lambda: not Kernel.objects.filter(status__in=["pending", "compiling"]).exists(),
+        timeout=240,
+        what="the kernels the random policy requested to compile",
+    )
 
     response = api_client.post("/api/v1/policies/train/", {"seed": 1, "epochs": 60}, format="json")
     assert response.status_code == 202, response.content
@@ -99,10 +115,9 @@ def test_the_trained_policy_chooses_the_paying_layer_far_more_often_than_random(
         _paying_probability(run_id, docs),
     )
     assert abs(random_rate - random_p) < 0.12, (random_rate, random_p)  # 160 samples of it
-    # Exact probabilities: the random policy grows layer 2 with p = 0.14 here; over 19 runs
-    # of this test the trained policy did with p = 0.55 to 0.92 (the 160 experiences differ
-    # each run), so 3x random (0.41) is a bar it clears by a wide margin, without flaking.
-    assert trained_p > 3 * random_p, (trained_p, random_p)
+    # Exact probabilities: the random policy grows layer 2 with p = 0.14 here, and the
+    # policy trained on these seeded experiences with p = 0.75 (embedded and served alike).
+    assert trained_p > 0.6 and trained_p > 3 * random_p, (trained_p, random_p)
     body = api_client.post(
         f"/api/v1/runs/{run_id}/decisions/", {"graph": docs[0]}, format="json"
     ).json()
