@@ -56,6 +56,12 @@ def start_worker_threads(
     return workers
 
 
+def worker_threads() -> dict[str, bool]:
+    """{hostname: thread alive} of the worker threads started here (empty in served mode)."""
+    with _lock:
+        return {worker.hostname: thread.is_alive() for worker, thread in _started.values()}
+
+
 def stop_worker_threads() -> None:
     with _lock:
         for queue, (worker, thread) in list(_started.items()):

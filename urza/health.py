@@ -30,7 +30,16 @@ def _broker() -> dict:
 
 def _workers() -> dict:
     from esper_site.celery import app
+    from esper_site.embedded import worker_threads
 
+    local = worker_threads()
+    if local:
+        # The embedded default's workers are threads of this process, on the solo pool: one
+        # busy with a compile or a training job cannot answer a ping, yet it is up.
+        stopped = sorted(name for name, alive in local.items() if not alive)
+        if stopped:
+            raise RuntimeError(f"embedded worker threads stopped: {', '.join(stopped)}")
+        return {"workers": sorted(local), "embedded": True}
     replies = app.control.ping(timeout=settings.ESPER_HEALTH_PING_TIMEOUT)
     names = sorted(name for reply in replies for name in reply)
     if not names:
