@@ -18,39 +18,51 @@ def check_json(data: object) -> None:
     `MAX_DEPTH`, integers beyond a bigint, and strings (values or keys) with a NUL
     character (Postgres text and jsonb refuse it) or a lone UTF-16 surrogate (not valid
     Unicode: it cannot be written out as UTF-8). Iterative, so no input can exhaust the
-    stack."""
-    stack: list[tuple[object, str, int]] = [(data, "", 0)]
+    stack; where a value sits is spelled out only for the error."""
+    # Each entry: (value, depth, where), where = (parent's where, key or index) or None.
+    stack: list[tuple[object, int, tuple | None]] = [(data, 0, None)]
     while stack:
-        value, path, depth = stack.pop()
+        value, depth, where = stack.pop()
         if depth > MAX_DEPTH:
             raise ParseError(f"JSON nested more than {MAX_DEPTH} levels deep")
         if isinstance(value, dict):
             for key, item in value.items():
-                _check_text(key, f"{path}.{_show(key)}" if path else _show(key), key=True)
-                stack.append((item, f"{path}.{_show(key)}" if path else _show(key), depth + 1))
+                _check_text(key, (where, key), "a key")
+                stack.append((item, depth + 1, (where, key)))
         elif isinstance(value, list):
-            stack.extend((item, f"{path}[{i}]", depth + 1) for i, item in enumerate(value))
+            stack.extend((item, depth + 1, (where, i)) for i, item in enumerate(value))
         elif isinstance(value, str):
-            _check_text(value, path or "body", key=False)
+            _check_text(value, where, "a string")
         elif isinstance(value, int) and not isinstance(value, bool) and abs(value) > MAX_INT:
-            raise ParseError(f"{path or 'body'}: integer out of range (at most ±{MAX_INT})")
+            raise ParseError(f"{_path(where)}: integer out of range (at most ±{MAX_INT})")
 
 
-def _show(key: str) -> str:
-    """A key as error messages may print it (never the bad character itself)."""
-    shown = key.encode("utf-8", "backslashreplace").decode("utf-8").replace("\x00", "\\u0000")
-    return shown if len(shown) <= 64 else shown[:61] + "..."
+def _path(where: tuple | None) -> str:
+    """``config.layers[0].name`` from a chain of (parent, key or index); keys are printed
+    with their bad characters escaped."""
+    parts: list[str] = []
+    while where is not None:
+        where, step = where
+        if isinstance(step, int):
+            parts.append(f"[{step}]")
+        else:
+            shown = step.encode("utf-8", "backslashreplace").decode("utf-8")
+            shown = shown.replace("\x00", "\\u0000")
+            shown = shown if len(shown) <= 64 else shown[:61] + "..."
+            parts.append(("." if where is not None else "") + shown)
+    return "".join(reversed(parts)) or "body"
 
 
-def _check_text(text: str, path: str, *, key: bool) -> None:
-    what = "a key" if key else "a string"
+def _check_text(text: str, where: tuple | None, what: str) -> None:
     if "\x00" in text:
-        raise ParseError(f"{path}: {what} contains a NUL character (\\u0000), which is not stored")
+        raise ParseError(
+            f"{_path(where)}: {what} contains a NUL character (\\u0000), which is not stored"
+        )
     try:
         text.encode("utf-8")
     except UnicodeEncodeError:
         raise ParseError(
-            f"{path}: {what} contains a lone UTF-16 surrogate (\\ud800-\\udfff), "
+            f"{_path(where)}: {what} contains a lone UTF-16 surrogate (\\ud800-\\udfff), "
             "which is not valid Unicode"
         ) from None
 
