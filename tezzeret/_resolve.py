@@ -9,7 +9,7 @@ import copy
 from fractions import Fraction
 from typing import TYPE_CHECKING
 
-from tezzeret._expr import SYMBOLS, IRError, check_range, eval_expr, parse_expr
+from tezzeret._expr import SYMBOLS, ExprRangeError, IRError, check_range, eval_expr, parse_expr
 
 if TYPE_CHECKING:
     from tezzeret.ir import Signature
@@ -86,6 +86,50 @@ def _resolve_layers(
     return out_layers, dim, params, source
 
 
+def resolve_params(
+    params: dict[str, int | str], env: dict[str, Fraction], where: str, *, lenient: bool = False
+) -> set[str]:
+    """Evaluate ``params`` into ``env`` (which holds the symbols), each after the params it
+    uses. A param that is not a positive integer raises `IRError`; with ``lenient`` it is
+    left out of ``env`` instead, with every param that uses it, and only a value out of the
+    evaluator's range still raises. Returns the names left out."""
+    names = SYMBOLS | frozenset(params)
+    unusable: set[str] = set()
+
+    def param(name: str) -> None:
+        if name in env or name in unusable:
+            return
+        value, field = params[name], f"params.{name}"
+        if isinstance(value, str):
+            tree, refs = parse_expr(value, field, names)
+            for ref in sorted(refs - SYMBOLS):
+                param(ref)
+            if refs & unusable:
+                unusable.add(name)
+                return
+            try:
+                result = eval_expr(tree, env, field, text=value, where=where)
+            except ExprRangeError:
+                raise
+            except IRError:
+                if not lenient:
+                    raise
+                unusable.add(name)
+                return
+        else:
+            result = check_range(value, field, None, where=where)
+        if result.denominator != 1 or result < 1:
+            if not lenient:
+                raise IRError(field, f"{value!r} = {result} is not a positive integer for {where}")
+            unusable.add(name)
+            return
+        env[name] = result
+
+    for name in params:
+        param(name)
+    return unusable
+
+
 def fit(ir: dict, sig: Signature) -> tuple[dict, int]:
     """Resolve a validated ``ir`` for a parsed ``sig``: (resolved IR, parameter count)."""
     if ir["graft"] != sig.graft:
@@ -100,28 +144,7 @@ def fit(ir: dict, sig: Signature) -> tuple[dict, int]:
     d = sig.out if sig.graft == "residual" else sig.in_
     where = f"D={d}, IN={sig.in_}, OUT={sig.out}"
     env = {"D": Fraction(d), "IN": Fraction(sig.in_), "OUT": Fraction(sig.out)}
-    resolved_params: dict[str, int] = {}
-
-    def param(name: str) -> None:
-        if name in resolved_params:
-            return
-        value, field = ir["params"][name], f"params.{name}"
-        if isinstance(value, str):
-            tree, refs = parse_expr(value, field, SYMBOLS | frozenset(ir["params"]))
-            for ref in sorted(refs - SYMBOLS):
-                param(ref)
-            result = eval_expr(tree, env, field, text=value, where=where)
-        else:
-            result = check_range(value, field, None, where=where)
-        if result.denominator != 1 or result < 1:
-            raise IRError(
-                f"params.{name}", f"{value!r} = {result} is not a positive integer for {where}"
-            )
-        resolved_params[name] = int(result)
-        env[name] = result
-
-    for name in ir["params"]:
-        param(name)
+    resolve_params(ir["params"], env, where)
     layers, out_dim, params, source = _resolve_layers(ir["layers"], "layers", d, env, where)
     want = d if sig.graft == "residual" else sig.out
     if out_dim != want:
@@ -140,5 +163,5 @@ def fit(ir: dict, sig: Signature) -> tuple[dict, int]:
             f"{params:,} parameters for {where} exceed MAX_PARAMS={MAX_PARAMS:,}; use a narrower hidden width",
         )
     resolved = copy.deepcopy(ir)
-    resolved["params"], resolved["layers"] = {k: resolved_params[k] for k in ir["params"]}, layers
+    resolved["params"], resolved["layers"] = {k: int(env[k]) for k in ir["params"]}, layers
     return resolved, params

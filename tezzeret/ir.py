@@ -31,7 +31,7 @@ from tezzeret._expr import (
     eval_expr,
     parse_expr,
 )
-from tezzeret._resolve import MAX_DIM, MAX_PARAMS, fit
+from tezzeret._resolve import MAX_DIM, MAX_PARAMS, fit, resolve_params
 
 __all__ = [
     "DTYPES",
@@ -296,36 +296,19 @@ def _probe_at(params: dict[str, int | str], layers: list[dict], width: int) -> N
     names = SYMBOLS | frozenset(params)
     where = f"D=IN=OUT={width}"
     env: dict[str, Fraction] = {symbol: Fraction(width) for symbol in SYMBOLS}
-    unusable: set[str] = set()
-
-    def probe(value: int | str, field: str) -> Fraction | None:
+    unusable = resolve_params(params, env, where, lenient=True)
+    for field, value in _layer_dims(layers, "layers"):
         if isinstance(value, int):
-            return Fraction(value)
+            continue  # checked against the bound when the layer was validated
         tree, refs = parse_expr(value, field, names)
-        for ref in sorted(refs - SYMBOLS):
-            param(ref)
         if refs & unusable:
-            return None
+            continue
         try:
-            return eval_expr(tree, env, field, text=value, where=where)
+            eval_expr(tree, env, field, text=value, where=where)
         except ExprRangeError:
             raise
         except IRError:
-            return None
-
-    def param(name: str) -> None:
-        if name in env or name in unusable:
-            return
-        result = probe(params[name], f"params.{name}")
-        if result is None or result.denominator != 1 or result < 1:
-            unusable.add(name)
-        else:
-            env[name] = result
-
-    for name in params:
-        param(name)
-    for field, value in _layer_dims(layers, "layers"):
-        probe(value, field)
+            pass  # not a usable width here: `fit` says so for a real signature
 
 
 def validate_ir(data: object) -> dict:
