@@ -36,9 +36,9 @@ def run_create(*, name: str, model_summary: dict, config: dict, owner=None) -> T
     offered kernels are computed from) must be null or a positive integer."""
     budget = config.get("param_budget")
     if budget is not None and (
-        isinstance(budget, bool) or not isinstance(budget, int) or not 0 < budget < 2**63
+        isinstance(budget, bool) or not isinstance(budget, int) or budget < 1
     ):
-        message = "must be null or a positive integer below 2**63 (parameters growth may add)"
+        message = "must be null or a positive integer (the parameters growth may add)"
         raise ApplicationError(
             f"config.param_budget: {message}", detail={"config.param_budget": [message]}
         )

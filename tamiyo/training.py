@@ -307,8 +307,9 @@ def train_policy(
 
     Deterministic given ``seed`` (and ``threads``) while no other thread of the process
     draws on torch's global RNG meanwhile (the embedded default's compile threads do); the
-    caller's global RNG state and thread count are left as they were. Graphs are small, so the work is overhead-bound and one
-    intra-op thread is fastest; None keeps torch's current setting.
+    caller's global RNG state and thread count are left as they were. Graphs are small, so
+    the work is overhead-bound and one intra-op thread is fastest; None keeps torch's
+    current setting.
     """
     if not (math.isfinite(prior_coef) and prior_coef >= 0):
         raise ValueError(f"prior_coef must be finite and >= 0, got {prior_coef}")
