@@ -23,6 +23,35 @@ if (BASE_DIR / ".env").is_file():
 
 ESPER_HOME = Path(env.str("ESPER_HOME", default=str(BASE_DIR / ".esper")))
 
+
+def _number(name: str, default, *, low=None, high=None):
+    """The environment variable `name` as a number of `default`'s type (int or float), or
+    `default` when unset or empty. Parsed strictly (django-environ's `float` drops the
+    characters it does not expect, so `0.5abc` read as 0.5); anything that is not a finite
+    number within [low, high] stops startup with an error naming the variable."""
+    text = os.environ.get(name, "").strip()
+    if not text:
+        return default
+    kind = type(default)
+    what = f"{name} must be {'an integer' if kind is int else 'a number'}"
+    if low is not None and high is not None:
+        bounds = f" in [{low:g}, {high:g}]"
+    else:
+        bounds = f" >= {low:g}" if low is not None else ""
+    try:
+        value = kind(text)
+    except ValueError:
+        raise ImproperlyConfigured(f"{what}{bounds}, got {text!r}") from None
+    if (
+        value != value
+        or value in (float("inf"), float("-inf"))
+        or (low is not None and value < low)
+        or (high is not None and value > high)
+    ):
+        raise ImproperlyConfigured(f"{what}{bounds}, got {text!r}")
+    return value
+
+
 DEBUG = env.bool("DEBUG", default=False)
 SECRET_KEY = env.str("SECRET_KEY", default="esper-embedded-insecure-key-change-me-in-served-mode")
 ALLOWED_HOSTS = env.list("ALLOWED_HOSTS", default=["localhost", "127.0.0.1", "[::1]", "testserver"])
@@ -47,6 +76,7 @@ INSTALLED_APPS = [
 
 MIDDLEWARE = [
     "django.middleware.security.SecurityMiddleware",
+    "esper_site.middleware.LengthRequiredMiddleware",  # chunked bodies: a JSON 411
     "whitenoise.middleware.WhiteNoiseMiddleware",
     "django.contrib.sessions.middleware.SessionMiddleware",
     "esper_site.middleware.SlashCommonMiddleware",  # Django's, redirecting with 308
@@ -80,7 +110,7 @@ if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
 # Persistent connections for servers (a new Postgres connection costs milliseconds per request).
 _is_sqlite = DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3"
 DATABASES["default"].setdefault(
-    "CONN_MAX_AGE", env.int("CONN_MAX_AGE", default=0 if _is_sqlite else 60)
+    "CONN_MAX_AGE", _number("CONN_MAX_AGE", 0 if _is_sqlite else 60, low=0)
 )
 DATABASES["default"].setdefault("CONN_HEALTH_CHECKS", True)
 if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
@@ -136,7 +166,7 @@ MEDIA_ROOT = str(ESPER_ARTIFACT_ROOT)
 
 # --- API -------------------------------------------------------------------------------
 # 1 MiB bodies at most: a blueprint IR or a health graph is a few KiB.
-DATA_UPLOAD_MAX_MEMORY_SIZE = env.int("ESPER_MAX_BODY_BYTES", default=1024 * 1024)
+DATA_UPLOAD_MAX_MEMORY_SIZE = _number("ESPER_MAX_BODY_BYTES", 1024 * 1024, low=1)
 
 REST_FRAMEWORK = {
     "DEFAULT_AUTHENTICATION_CLASSES": [
@@ -196,9 +226,9 @@ CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
 # With acks_late, a job whose worker died (no ack) is redelivered once the visibility
 # timeout passes; it must exceed the longest task's hard time limit.
 CELERY_BROKER_TRANSPORT_OPTIONS = {
-    "visibility_timeout": env.int("ESPER_VISIBILITY_TIMEOUT", default=600),
-    "unacked_restore_interval": env.int("ESPER_UNACKED_RESTORE_INTERVAL", default=10),
-    "unacked_restore_throttle": env.int("ESPER_UNACKED_RESTORE_THROTTLE", default=10),
+    "visibility_timeout": _number("ESPER_VISIBILITY_TIMEOUT", 600, low=1),
+    "unacked_restore_interval": _number("ESPER_UNACKED_RESTORE_INTERVAL", 10, low=1),
+    "unacked_restore_throttle": _number("ESPER_UNACKED_RESTORE_THROTTLE", 10, low=0),
 }
 if ESPER_EMBEDDED_BROKER:
     # The in-process broker is polled: poll often so jobs and pings are picked up quickly.
@@ -215,8 +245,8 @@ URZA_PARAM_COUNTER = "tezzeret.services.param_count"
 URZA_COMPILE_TASK = "tezzeret.compile_kernel"
 # Tamiyo trains a new policy each time this many new rewarded experiences arrive (0: off);
 # `celery -A esper_site beat` also runs it on TAMIYO_TRAIN_SCHEDULE_S (seconds; 0: off).
-TAMIYO_TRAIN_EVERY = env.int("TAMIYO_TRAIN_EVERY", default=200)
-TAMIYO_TRAIN_SCHEDULE_S = env.int("TAMIYO_TRAIN_SCHEDULE_S", default=3600)
+TAMIYO_TRAIN_EVERY = _number("TAMIYO_TRAIN_EVERY", 200, low=0)
+TAMIYO_TRAIN_SCHEDULE_S = _number("TAMIYO_TRAIN_SCHEDULE_S", 3600, low=0)
 CELERY_BEAT_SCHEDULE = (
     {
         "train-policy": {
@@ -231,12 +261,8 @@ CELERY_BEAT_SCHEDULE = (
 # Policy training blends each graft's reward with how its run ended, by this weight
 # (tamiyo.reward.terminal_credit, whose own default, TERMINAL_WEIGHT, is the same 0.5;
 # settings do not import tamiyo, which pulls in torch. 0: the step reward alone).
-TAMIYO_TERMINAL_WEIGHT = env.float("TAMIYO_TERMINAL_WEIGHT", default=0.5)
-if not 0.0 <= TAMIYO_TERMINAL_WEIGHT <= 1.0:
-    raise ImproperlyConfigured(
-        f"TAMIYO_TERMINAL_WEIGHT must be a number in [0, 1], got {TAMIYO_TERMINAL_WEIGHT}"
-    )
-ESPER_HEALTH_PING_TIMEOUT = env.float("ESPER_HEALTH_PING_TIMEOUT", default=0.5)
+TAMIYO_TERMINAL_WEIGHT = _number("TAMIYO_TERMINAL_WEIGHT", 0.5, low=0.0, high=1.0)
+ESPER_HEALTH_PING_TIMEOUT = _number("ESPER_HEALTH_PING_TIMEOUT", 0.5, low=0.01, high=60.0)
 
 LOGGING = {
     "version": 1,

@@ -335,7 +335,9 @@ def experience_record_outcome(*, experience: Experience, outcome: object) -> Exp
 
 
 def _maybe_schedule_training() -> None:
-    """Queue a training job each time TAMIYO_TRAIN_EVERY new rewarded experiences arrive."""
+    """Queue a training job when the count of rewarded experiences reaches a multiple of
+    TAMIYO_TRAIN_EVERY (from 32, the fewest a job trains on). Two outcomes committed at once
+    can both count past a multiple; that job is then queued at the next one."""
     every = settings.TAMIYO_TRAIN_EVERY
     if not every:
         return

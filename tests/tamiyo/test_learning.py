@@ -208,8 +208,9 @@ def test_training_credits_each_growth_decision_with_how_its_run_ended(
     assert version.metrics["terminal_credit"]["credited"] == 0
 
 
-def test_a_terminal_weight_outside_0_1_stops_the_server_from_starting_with_a_clear_error():
-    env = {**os.environ, "TAMIYO_TERMINAL_WEIGHT": "2"}
+@pytest.mark.parametrize("value", ["2", "0.5abc", "nan"])
+def test_a_terminal_weight_outside_0_1_stops_the_server_from_starting_with_a_clear_error(value):
+    env = {**os.environ, "TAMIYO_TERMINAL_WEIGHT": value}
     result = subprocess.run(
         [sys.executable, "-c", "import django; django.setup()"],
         env={**env, "DJANGO_SETTINGS_MODULE": "esper_site.settings"},
@@ -218,4 +219,4 @@ def test_a_terminal_weight_outside_0_1_stops_the_server_from_starting_with_a_cle
         timeout=120,
     )
     assert result.returncode != 0
-    assert "TAMIYO_TERMINAL_WEIGHT must be a number in [0, 1], got 2.0" in result.stderr
+    assert f"TAMIYO_TERMINAL_WEIGHT must be a number in [0, 1], got {value!r}" in result.stderr

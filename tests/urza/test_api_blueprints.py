@@ -93,6 +93,21 @@ def test_missing_or_wrong_token_gets_401_for_reads_and_writes(anon_client, heade
     assert not Blueprint.objects.filter(name="x").exists()
 
 
+def test_a_parent_that_does_not_exist_is_a_400_naming_the_field(api_client, ir, blueprint):
+    missing = "00000000-0000-0000-0000-000000000000"
+    response = api_client.post(
+        URL, {"name": "child", "version": 1, "ir": ir, "parent": missing}, format="json"
+    )
+    assert response.status_code == 400
+    error = _error(response)
+    assert error["code"] == "invalid" and missing in error["detail"]["parent"][0]
+    assert not Blueprint.objects.filter(name="child").exists()
+    child = {"name": "child", "version": 1, "ir": {**ir, "name": "child"}, "parent": blueprint.id}
+    response = api_client.post(URL, child, format="json")
+    assert response.status_code == 201, response.content
+    assert response.json()["parent"] == str(blueprint.id)
+
+
 def test_non_uuid_id_gets_a_json_404(api_client):
     response = api_client.get(f"{URL}not-a-uuid/")
     assert response.status_code == 404

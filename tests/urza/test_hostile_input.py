@@ -34,6 +34,8 @@ def _post_raw(client, url: str, raw: str | bytes):
         ('{"name": "r", "config": {"n": 1' + "0" * 400 + "}}", "config.n: integer out of range"),
         ('{"name": "r", "config": {"n": -9223372036854775809}}', "integer out of range"),
         ('{"name": "r", "config": ' + "[" * 100 + "]" * 100 + "}", "nested more than 64"),
+        ('{"name": "r", "config": {"a": ' + "[" * 64 + "]" * 64 + "}}", "config.a[0][0]"),
+        ('{"name": "r", "config": {"n": 9223372036854775808}}', "config.n: integer out of"),
         ("[" * 200_000 + "]" * 200_000, "nested more than 64"),
         ('{"a":' * 100_000 + "1" + "}" * 100_000, "nested more than 64"),
     ],
@@ -47,7 +49,7 @@ def test_unstorable_json_is_a_400_that_stores_nothing(api_client, raw, says):
 
 
 def test_the_deepest_documents_the_api_defines_still_parse(api_client):
-    config = {"a": {"b": [{"c": [[1, 2**63 - 1, -(2**63) + 1]]}]}, "s": "ünï ✓ 𝔘"}
+    config = {"a": {"b": [{"c": [[1, 2**63 - 1, -(2**63)]]}]}, "s": "ünï ✓ 𝔘"}
     response = _post_raw(api_client, RUNS, json.dumps({"name": "r", "config": config}))
     assert response.status_code == 201, response.content
     assert response.json()["config"] == config
@@ -65,6 +67,20 @@ def test_the_schema_pages_still_serve_and_a_bad_format_is_a_json_404(client):
     assert client.get("/api/schema/").status_code == 200
     assert client.get("/api/schema/", {"format": "json"}).json()["openapi"].startswith("3.")
     _error(client.get("/api/schema/", {"format": "bogus"}), 404)
+
+
+@pytest.mark.parametrize("encoding", ["chunked", "gzip, chunked", "Chunked"])
+def test_a_chunked_body_is_a_json_411_not_an_empty_body(api_client, encoding):
+    response = api_client.generic(
+        "POST",
+        RUNS,
+        json.dumps({"name": "chunky"}),
+        content_type="application/json",
+        HTTP_TRANSFER_ENCODING=encoding,
+    )
+    error = _error(response, 411)
+    assert error["code"] == "length_required" and "Content-Length" in error["message"]
+    assert not TrainingRun.objects.exists()
 
 
 def test_a_write_without_the_trailing_slash_is_redirected_keeping_method_and_body(api_client):

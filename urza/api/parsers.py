@@ -10,7 +10,8 @@ MAX_DEPTH = 64
 """Nesting the API accepts: the deepest document it defines (a graph's seed stats) is 5."""
 
 MAX_INT = 2**63 - 1
-"""Largest integer magnitude a JSON body may hold: what a database bigint stores."""
+MIN_INT = -(2**63)
+"""The integers a JSON body may hold, MIN_INT to MAX_INT: what a database bigint stores."""
 
 
 def check_json(data: object) -> None:
@@ -24,7 +25,7 @@ def check_json(data: object) -> None:
     while stack:
         value, depth, where = stack.pop()
         if depth > MAX_DEPTH:
-            raise ParseError(f"JSON nested more than {MAX_DEPTH} levels deep")
+            raise ParseError(f"{_path(where, 120)}: JSON nested more than {MAX_DEPTH} levels deep")
         if isinstance(value, dict):
             for key, item in value.items():
                 _check_text(key, (where, key), "a key")
@@ -33,13 +34,16 @@ def check_json(data: object) -> None:
             stack.extend((item, depth + 1, (where, i)) for i, item in enumerate(value))
         elif isinstance(value, str):
             _check_text(value, where, "a string")
-        elif isinstance(value, int) and not isinstance(value, bool) and abs(value) > MAX_INT:
-            raise ParseError(f"{_path(where)}: integer out of range (at most ±{MAX_INT})")
+        elif isinstance(value, int) and not MIN_INT <= value <= MAX_INT:
+            raise ParseError(
+                f"{_path(where)}: integer out of range (a signed 64-bit integer, "
+                f"{MIN_INT} to {MAX_INT})"
+            )
 
 
-def _path(where: tuple | None) -> str:
+def _path(where: tuple | None, limit: int | None = None) -> str:
     """``config.layers[0].name`` from a chain of (parent, key or index); keys are printed
-    with their bad characters escaped."""
+    with their bad characters escaped. Past `limit` characters the middle is elided."""
     parts: list[str] = []
     while where is not None:
         where, step = where
@@ -50,7 +54,11 @@ def _path(where: tuple | None) -> str:
             shown = shown.replace("\x00", "\\u0000")
             shown = shown if len(shown) <= 64 else shown[:61] + "..."
             parts.append(("." if where is not None else "") + shown)
-    return "".join(reversed(parts)) or "body"
+    path = "".join(reversed(parts)) or "body"
+    if limit is not None and len(path) > limit:
+        keep = (limit - 3) // 2
+        path = f"{path[:keep]}...{path[-keep:]}"
+    return path
 
 
 def _check_text(text: str, where: tuple | None, what: str) -> None:

@@ -117,9 +117,20 @@ class BlueprintListCreateApi(GenericAPIView):
         serializer.is_valid(raise_exception=True)
         data = dict(serializer.validated_data)
         parent_id = data.pop("parent")
-        parent = selectors.blueprint_get(blueprint_id=parent_id) if parent_id else None
+        parent = _referenced("parent", blueprint_id=parent_id) if parent_id else None
         blueprint = services.blueprint_create(**data, parent=parent, created_by=request.user)
         return Response(BlueprintOutputSerializer(blueprint).data, status=status.HTTP_201_CREATED)
+
+
+def _referenced(field: str, *, blueprint_id) -> Blueprint:
+    """The blueprint a request body names in `field`; one that does not exist is a 400
+    naming the field (the request is invalid), not a 404 (the URL exists)."""
+    try:
+        return selectors.blueprint_get(blueprint_id=blueprint_id)
+    except ApplicationError as exc:
+        raise ApplicationError(
+            exc.message, code="invalid", status=400, detail={field: [exc.message]}
+        ) from exc
 
 
 class BlueprintDetailApi(GenericAPIView):
@@ -165,12 +176,7 @@ class KernelListCreateApi(GenericAPIView):
     def post(self, request):
         serializer = self.InputSerializer(data=request.data)
         serializer.is_valid(raise_exception=True)
-        try:
-            blueprint = selectors.blueprint_get(blueprint_id=serializer.validated_data["blueprint"])
-        except ApplicationError as exc:
-            raise ApplicationError(
-                exc.message, code="invalid", status=400, detail={"blueprint": [exc.message]}
-            ) from exc
+        blueprint = _referenced("blueprint", blueprint_id=serializer.validated_data["blueprint"])
         kernel, created = services.kernel_request(
             blueprint=blueprint, signature=serializer.validated_data["signature"]
         )
