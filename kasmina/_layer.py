@@ -62,6 +62,9 @@ class SeedLayer(nn.Module):
         self.layer_name = layer_name
         self.num_seeds = num_seeds
         self.signature = host_signature(host)
+        # Features seeds run on [N, width]: inputs with more leading dims (a sequence
+        # model's [batch, seq, width]) are flattened for the kernel and reshaped back.
+        self._features = self.signature["layout"] == "features"
         self.seeds = nn.ModuleDict()
         n = num_seeds
         self.register_buffer("seed_stage", torch.zeros(n, dtype=torch.int64))
@@ -94,6 +97,24 @@ class SeedLayer(nn.Module):
         self._taps = 0
         self._tapped: torch.Tensor | None = None
 
+    def __getattr__(self, name: str):
+        """Attributes the layer does not have are read from its host, so code that reads a
+        wrapped layer's `weight`, `bias` or `out_features` keeps working. (Code that
+        computes with `layer.weight` directly instead of calling the layer bypasses its
+        seeds.)"""
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            host = self.__dict__.get("_modules", {}).get("host")
+            if host is None or name.startswith("__"):
+                raise
+            try:
+                return getattr(host, name)
+            except AttributeError:
+                raise AttributeError(
+                    f"'SeedLayer' object (hosting {type(host).__name__}) has no attribute {name!r}"
+                ) from None
+
     # -- forward -------------------------------------------------------------------------
     def forward(self, *args, **kwargs):
         h = self.host(*args, **kwargs)
@@ -121,10 +142,10 @@ class SeedLayer(nn.Module):
                 inp = inp.detach()  # the host is untouched while the seed incubates
             if sample and h.device.type == "cpu":
                 started = time.perf_counter()
-                s = seed(inp)
+                s = self._run(seed, inp, h)
                 self._latency_pending.append((i, (time.perf_counter() - started) * 1e6))
             else:
-                s = seed(inp)
+                s = self._run(seed, inp, h)
             if self.guard_nonfinite:
                 finite = torch.isfinite(s).all()
                 s = torch.where(finite, s, torch.zeros_like(s))
@@ -138,6 +159,11 @@ class SeedLayer(nn.Module):
             else:
                 out = out + self.seed_alpha[i].to(s.dtype) * s
         return out
+
+    def _run(self, seed: nn.Module, inp: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+        if self._features and inp.dim() != 2:  # [..., width] -> [N, width] -> h's shape
+            return seed(inp.reshape(-1, inp.shape[-1])).reshape(h.shape)
+        return seed(inp)
 
     def _take_bridge_input(self) -> torch.Tensor:
         source = self._source[0]
@@ -156,7 +182,10 @@ class SeedLayer(nn.Module):
         h = h.detach().float()
         mean = h.mean()
         std = ((h * h).mean() - mean * mean).clamp_min(0).sqrt()
-        per_unit = h.amax(dim=0) if h.dim() == 2 else h.amax(dim=(0, *range(2, h.dim())))
+        if self._features:  # units are the last dim, whatever comes before it
+            per_unit = h.reshape(-1, h.shape[-1]).amax(dim=0)
+        else:  # channels: dim 1 of [N, C, H, W]
+            per_unit = h.amax(dim=(0, *range(2, h.dim())))
         dead = (per_unit <= 0).float().mean()
         self._telemetry["activation"] = torch.stack([mean, std, dead])
 
@@ -249,7 +278,7 @@ class SeedLayer(nn.Module):
                 f"{self.layer_name}[{seed_idx}] is {self.stages[seed_idx].name}; a kernel is "
                 "grafted into a LOADING seed"
             )
-        self.seeds[str(seed_idx)] = module
+        self.put_seed(seed_idx, module)
         self.kernel_ids[seed_idx] = kernel_id
         self.seed_kernel_id[seed_idx] = kernel_id_to_tensor(kernel_id).to(
             self.seed_kernel_id.device
@@ -259,6 +288,16 @@ class SeedLayer(nn.Module):
         self.seed_fallback[seed_idx] = False
         self.set_alpha(seed_idx, 0.0)
         self.transition(seed_idx, Stage.TRAINING)
+
+    def put_seed(self, seed_idx: int, module: nn.Module) -> None:
+        """Set seed `seed_idx`'s module, keeping `seeds` in index order, so parameters and
+        state-dict keys come seed 0 first whichever seed was grafted first (and match a
+        model restored from a checkpoint)."""
+        self.seeds[str(seed_idx)] = module
+        if list(self.seeds) != sorted(self.seeds, key=int):
+            modules = sorted(self.seeds.items(), key=lambda item: int(item[0]))
+            self.seeds.clear()
+            self.seeds.update(modules)
 
     def remove_seed(self, seed_idx: int) -> None:
         """Drop the seed module: the layer's output is the host's again, exactly."""

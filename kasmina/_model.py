@@ -6,6 +6,7 @@ import copy
 import logging
 import math
 import time
+import weakref
 from collections import Counter, deque
 from collections.abc import Iterable, Mapping
 from concurrent.futures import Future
@@ -25,12 +26,41 @@ DEFAULT_TARGET = (nn.Linear, nn.Conv2d)
 Key = tuple[str, int]
 
 
+# Modules that compute with their Linear children's weights directly (and, for the
+# Transformer layers, in their no-grad fast path) instead of calling them: seeds there would
+# be bypassed, so those Linears never host seeds.
+_READS_CHILD_WEIGHTS = (
+    nn.MultiheadAttention,
+    nn.TransformerEncoderLayer,
+    nn.TransformerDecoderLayer,
+)
+
+
+def _bypassed(model: nn.Module) -> dict[str, str]:
+    """{name of a direct child Linear of a `_READS_CHILD_WEIGHTS` module: that module's type}."""
+    out = {}
+    for parent_name, parent in model.named_modules():
+        if isinstance(parent, _READS_CHILD_WEIGHTS):
+            for child_name, child in parent.named_children():
+                if isinstance(child, nn.Linear):
+                    name = f"{parent_name}.{child_name}" if parent_name else child_name
+                    out[name] = type(parent).__name__
+    return out
+
+
 def _select_targets(model: nn.Module, target) -> list[tuple[str, nn.Module]]:
     named = [(n, m) for n, m in model.named_modules() if n]
+    bypassed = _bypassed(model)
     if isinstance(target, type) or (
         isinstance(target, tuple) and all(isinstance(t, type) for t in target)
     ):
-        chosen = [(n, m) for n, m in named if isinstance(m, target)]
+        chosen = [(n, m) for n, m in named if isinstance(m, target) and n not in bypassed]
+        if bypassed:
+            logger.info(
+                "layers left without seeds: their parent computes with their weights "
+                "directly, bypassing a seed",
+                extra={"layers": sorted(bypassed)},
+            )
     else:
         if isinstance(target, str):
             target = [target]
@@ -44,6 +74,12 @@ def _select_targets(model: nn.Module, target) -> list[tuple[str, nn.Module]]:
                     + ", ".join(candidates)
                 )
             host_signature(index[name])
+            if name in bypassed:
+                raise ValueError(
+                    f"{name!r} cannot host seeds: its parent {bypassed[name]} computes with "
+                    "its weight directly instead of calling it, which would bypass a seed; "
+                    "target the model's own Linear layers (a feed-forward block's)"
+                )
             chosen.append((name, index[name]))
     if not chosen:
         raise ValueError(f"no module of the model matches target={target!r}")
@@ -119,6 +155,29 @@ class MorphableModel(nn.Module):
         self._embargo_until: dict[Key, int] = {}
         self._stage_since: dict[Key, int] = {}
         self._grad_norms: dict[str, torch.Tensor] = {}
+        self._optimizers: weakref.WeakSet = weakref.WeakSet()
+        self.generation = 0  # checkpoint loads so far (seed parameters may be new objects)
+
+    def __deepcopy__(self, memo) -> MorphableModel:
+        """A copy (`copy.deepcopy`, EMA/SWA's `AveragedModel`) with its own seeds and state,
+        sharing the kernel loader; it has no fetch in flight and no optimizer attached."""
+        new = type(self).__new__(type(self))
+        memo[id(self)] = new
+        for key, value in self.__dict__.items():
+            if key == "loader":
+                new.__dict__[key] = value
+            elif key == "_pending":
+                new.__dict__[key] = {}
+            elif key == "_optimizers":
+                new.__dict__[key] = weakref.WeakSet()
+            else:
+                new.__dict__[key] = copy.deepcopy(value, memo)
+        return new
+
+    def attach_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
+        """Keep `optimizer` in step when `load_state_dict` replaces seed modules: their old
+        parameters leave it and the new ones join it (held weakly)."""
+        self._optimizers.add(optimizer)
 
     def _set_bridges(self, bridges: str | Mapping[str, str] | None) -> None:
         if bridges == "auto":
@@ -306,14 +365,22 @@ class MorphableModel(nn.Module):
         weight = next(layer.host.parameters())
         module = loaded.module.to(device=weight.device, dtype=weight.dtype)
 
+        side = _probe_side(layer.host)
+
         def zeros(width: int) -> torch.Tensor:
             if want["layout"] == "features":
                 return weight.new_zeros(2, width)
-            return weight.new_zeros(2, width, 8, 8)
+            return weight.new_zeros(2, width, side, side)
 
         with torch.no_grad():
             x = zeros(want["in"])
-            h = layer.host(x)
+            try:
+                h = layer.host(x)
+            except Exception as exc:
+                raise ValueError(
+                    f"layer {layer.layer_name!r} failed on a shape probe of {tuple(x.shape)} "
+                    f"before kernel {loaded.kernel_id} could be checked: {exc}"
+                ) from exc
             was_training = module.training
             module.eval()
             try:
@@ -356,7 +423,11 @@ class MorphableModel(nn.Module):
         errors = layer.record_error(idx)
         layer.remove_seed(idx)
         logger.warning(
-            "seed failed", extra={"layer": layer.layer_name, "seed": idx, "error": reason}
+            "seed %s[%d] failed: %s",
+            layer.layer_name,
+            idx,
+            reason,
+            extra={"layer": layer.layer_name, "seed": idx, "error": reason},
         )
         if layer.stages[idx] is Stage.FOSSILIZED:
             self._move(layer, idx, Stage.CULLED, f"fossilized seed failed: {reason}")
@@ -441,7 +512,7 @@ class MorphableModel(nn.Module):
             try:
                 loaded = future.result()
                 module = self._fit(layer, idx, loaded)
-            except (KasminaError, ValueError) as exc:
+            except Exception as exc:  # noqa: BLE001 - a kernel that cannot load never stops training
                 self._fail(layer, idx, f"load failed: {exc}")
                 continue
             self._install(layer, idx, loaded, module, optimizer=None)
@@ -552,8 +623,16 @@ class MorphableModel(nn.Module):
     def load_state_dict(
         self, state_dict: Mapping[str, torch.Tensor], strict: bool = True, assign: bool = False
     ):
-        """Load a checkpoint, fetching the kernels of its grafted seeds first."""
+        """Load a checkpoint, fetching the kernels of its grafted seeds first.
+
+        A seed that holds the same kernel here as in the checkpoint keeps its module, and its
+        parameters are loaded in place: restoring the best weights mid-run leaves them in the
+        optimizer. Seed modules that come or go leave or join the optimizers attached with
+        `attach_optimizer` (a Controller attaches its own); `generation` counts the loads.
+        """
         resume: list[tuple[SeedLayer, int]] = []
+        gone: list[nn.Parameter] = []
+        new: list[tuple[SeedLayer, list[nn.Parameter]]] = []
         for name, layer in self._layers.items():
             prefix = f"model.{name}."
             if prefix + "seed_stage" not in state_dict:
@@ -561,13 +640,30 @@ class MorphableModel(nn.Module):
             stages = [Stage(int(v)) for v in state_dict[prefix + "seed_stage"].tolist()]
             ids = state_dict[prefix + "seed_kernel_id"]
             for idx, stage in enumerate(stages):
+                kept = dict(layer.seeds.items()).get(str(idx))
+                if (
+                    kept is not None
+                    and stage in GRAFTED_STAGES
+                    and layer.stages[idx] in GRAFTED_STAGES
+                    and layer.kernel_ids[idx] == kernel_id_from_tensor(ids[idx])
+                ):
+                    continue  # the same kernel: its parameters load in place
+                if kept is not None:
+                    gone.extend(kept.parameters())
                 self._drop(layer, idx)
                 if stage in GRAFTED_STAGES:
                     loaded = self._require_loader().fetch(_kernel_id(ids[idx]))
-                    layer.seeds[str(idx)] = self._fit(layer, idx, loaded)
+                    module = self._fit(layer, idx, loaded)
+                    layer.put_seed(idx, module)
+                    new.append((layer, [p for p in module.parameters() if p.requires_grad]))
                 elif stage in (Stage.GERMINATED, Stage.LOADING, Stage.ERROR_RECOVERY):
                     resume.append((layer, idx))
         result = super().load_state_dict(state_dict, strict=strict, assign=assign)
+        for optimizer in list(self._optimizers):
+            optimizer_remove(optimizer, gone)
+            for layer, params in new:
+                optimizer_add(optimizer, params, layer)
+        self.generation += 1
         for layer in self._layers.values():
             layer.sync_mirror()
         for layer in self._layers.values():
@@ -583,6 +679,25 @@ class MorphableModel(nn.Module):
             elif layer.stages[idx] is Stage.LOADING:
                 self._submit(layer, idx)
         return result
+
+
+def _probe_side(host: nn.Module) -> int:
+    """Height and width of a shape probe that a Conv2d host accepts: at least 8, and enough
+    for its kernel, dilation and padding to leave an output of 2 or more."""
+    if not isinstance(host, nn.Conv2d):
+        return 8
+    need = 8
+    for k, d, p, s in zip(
+        host.kernel_size, host.dilation, _padding(host), host.stride, strict=True
+    ):
+        need = max(need, d * (k - 1) + 1 - 2 * p + s)
+    return need
+
+
+def _padding(host: nn.Conv2d) -> tuple[int, int]:
+    if isinstance(host.padding, str):  # "same" or "valid"
+        return (0, 0) if host.padding == "valid" else tuple(host.kernel_size)
+    return tuple(host.padding)
 
 
 def _steps_for_alpha(alpha: float, total: int, kind: str) -> int:
@@ -605,10 +720,11 @@ def optimizer_add(
 
     They train with the host's current hyperparameters (a scheduled learning rate included),
     and the number of groups stays as it was: LR schedulers keep one entry per group
-    (`LambdaLR`, `OneCycleLR` and others fail on a group added after them). They go right
-    after the layer's last parameter in that group, so a group made from
-    `model.parameters()` keeps that order and an optimizer `state_dict` loads into one made
-    afresh from the restored model. When none of the layer's other parameters is in the
+    (`LambdaLR`, `OneCycleLR` and others fail on a group added after them). They go where
+    `layer.parameters()` has them among the layer's parameters already in that group, so a
+    group made from `model.parameters()` keeps that order and an optimizer `state_dict`
+    loads into one made afresh from the restored model (seed 0 before seed 1, whichever
+    was grafted first). When none of the layer's other parameters is in the
     optimizer (a frozen host), `params` get a new group with the optimizer's defaults.
     Parameters already in the optimizer are left alone.
     """
@@ -619,10 +735,14 @@ def optimizer_add(
     new = {id(p) for p in params}
     owned = {id(p) for p in layer.parameters()} - new
     _flat_history_stale(optimizer)
+    order = {id(p): i for i, p in enumerate(layer.parameters())}
+    first = min((order[id(p)] for p in params if id(p) in order), default=len(order))
     for group in optimizer.param_groups:
         at = [i for i, p in enumerate(group["params"]) if id(p) in owned]
         if at:
-            group["params"][at[-1] + 1 : at[-1] + 1] = params  # in place: LBFGS holds the list
+            before = [i for i in at if order.get(id(group["params"][i]), -1) < first]
+            where = before[-1] + 1 if before else at[0]
+            group["params"][where:where] = params  # in place: LBFGS holds the list
             return
     optimizer.add_param_group({"params": params})
 

@@ -46,6 +46,7 @@ class Outbox:
         self._drain: Future | None = None
         self._retry_at = 0.0
         self.failures = 0  # consecutive sends that could not reach the server
+        self.dropped = 0  # writes refused by the server (4xx) or with no run to go to
 
     def __len__(self) -> int:
         return len(self._queue)
@@ -97,7 +98,10 @@ class Outbox:
             path = item.path()
             answer = None
             if path is None:
-                logger.error("write dropped: the run was never opened", extra={"what": item.what})
+                self.dropped += 1
+                logger.error(
+                    "%s dropped: the run was never opened", item.what, extra={"what": item.what}
+                )
             else:
                 try:
                     answer = self.client.request(
@@ -106,14 +110,23 @@ class Outbox:
                 except RegistryUnavailable as exc:
                     delay = self._backoff()
                     logger.warning(
-                        "server unreachable; write kept for retry",
+                        "server unreachable; %s kept, retried in %.1f s: %s",
+                        item.what,
+                        delay,
+                        exc,
                         extra={"what": item.what, "retry_in_s": delay, "error": str(exc)},
                     )
                     return
                 except KasminaError as exc:  # a 4xx: sending it again cannot help
-                    logger.error("write refused", extra={"what": item.what, "error": str(exc)})
+                    self.dropped += 1
+                    logger.error(
+                        "%s refused by the server, dropped: %s",
+                        item.what,
+                        exc,
+                        extra={"what": item.what, "error": str(exc)},
+                    )
                 except Exception:
-                    logger.exception("write failed unexpectedly", extra={"what": item.what})
+                    logger.exception("%s failed unexpectedly", item.what, extra={"what": item.what})
                     self._backoff()
                     return
             with self._lock:

@@ -59,6 +59,12 @@ class CacheEntry:
 class KernelCache:
     """Thread-safe LRU of `CacheEntry` keyed by kernel id; ``get`` is O(1) and copies nothing."""
 
+    def __deepcopy__(self, memo) -> KernelCache:
+        """Shared, not copied: a deep copy of a wrapped model (`copy.deepcopy`, EMA/SWA's
+        `AveragedModel`) uses the same cache, which holds connections, threads or locks."""
+        memo[id(self)] = self
+        return self
+
     def __init__(
         self,
         max_entries: int = 64,
@@ -139,7 +145,10 @@ class KernelCache:
             self._bytes -= old[1]
         if size > self.max_bytes:
             logger.warning(
-                "kernel larger than the memory cache; not kept in memory",
+                "kernel %s (%d bytes) is larger than the memory cache (%d); not kept in memory",
+                entry.kernel_id,
+                size,
+                self.max_bytes,
                 extra={"kernel_id": entry.kernel_id, "bytes": size, "max_bytes": self.max_bytes},
             )
             return
@@ -212,13 +221,19 @@ class KernelCache:
         except FileNotFoundError:
             return None
         except OSError as exc:
-            logger.warning("disk cache read failed", extra={"path": str(path), "error": str(exc)})
+            logger.warning(
+                "disk cache read of %s failed: %s",
+                path,
+                exc,
+                extra={"path": str(path), "error": str(exc)},
+            )
             return None
         actual = hashlib.sha256(data).hexdigest()
         if actual == sha256:
             return data
         logger.warning(
-            "corrupt file in the disk cache deleted",
+            "corrupt file in the disk cache deleted: %s",
+            path,
             extra={"path": str(path), "expected": sha256, "actual": actual},
         )
         with self._disk_lock:
@@ -260,7 +275,10 @@ class KernelCache:
             return {}
         except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
             logger.warning(
-                "unreadable disk cache index ignored", extra={"path": str(path), "error": str(exc)}
+                "unreadable disk cache index %s ignored: %s",
+                path,
+                exc,
+                extra={"path": str(path), "error": str(exc)},
             )
             return {}
 

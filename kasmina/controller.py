@@ -42,6 +42,7 @@ EMA_BETA = 0.9
 MAX_ROLLBACKS_IN_A_ROW = 3
 NOISE_DEVIATIONS = 8.0  # a spike is also this many mean absolute deviations above the EMA
 TREND_STEPS = 50  # the loss trend is fitted over at least this many steps of the loss EMA
+DEFAULT_TELEMETRY_EVERY = 10  # health sampling when neither wrap() nor Controller sets it
 COUNTED = ("decisions", "waits", "germinated", "fossilized", "culled", "rejected", "rollbacks")
 _GONE = frozenset({Stage.CULLED, Stage.EMBARGOED, Stage.DORMANT})
 _BEFORE_TRAINING = frozenset({Stage.GERMINATED, Stage.LOADING, Stage.ERROR_RECOVERY})
@@ -67,7 +68,7 @@ class _Asked:
 class _Adaptation:
     """A germinate decision being carried out on one seed."""
 
-    experience: str
+    experience: str | None  # None: a seed the Controller adopted (no decision to report to)
     layer: str
     seed: int
     kernel: str
@@ -88,8 +89,28 @@ def _answer(future: Future, what: str):
     except CancelledError:
         return None
     except Exception as exc:  # noqa: BLE001 - any failure of a request is logged, not raised
-        logger.warning("request failed", extra={"what": what, "error": str(exc)})
+        logger.warning("%s failed: %s", what, exc, extra={"what": what, "error": str(exc)})
         return None
+
+
+def _row(experience, step, layer, seed, kernel, blueprint=None, policy=None) -> dict:
+    """One entry of `Controller.adaptations`: a decision's seed, filled in as it goes."""
+    return {
+        "experience": experience,
+        "step": step,
+        "layer": layer,
+        "seed": seed,
+        "blueprint": blueprint,
+        "kernel": kernel,
+        "policy": policy,
+        "final_stage": None,
+        "contribution": None,
+        "params_added": 0,
+        "rolled_back": False,
+        "decision_to_training_s": None,
+        "decision_to_training_steps": None,
+        "finished_step": None,
+    }
 
 
 def _plain(value):
@@ -142,6 +163,7 @@ class Controller:
         snapshot_every: int = 50,
         warmup_steps: int = 20,
         poll_interval: float = 0.5,
+        telemetry_every: int | None = None,
     ) -> None:
         if not isinstance(model, MorphableModel):
             raise TypeError("Controller needs a MorphableModel: pass kasmina.wrap(model, ...)")
@@ -168,8 +190,16 @@ class Controller:
             )
         if spike_factor <= 1.0:
             raise ValueError(f"spike_factor must be above 1, got {spike_factor}")
-        if param_budget == "model":
-            param_budget = sum(p.numel() for p in model.parameters())
+        if telemetry_every is not None and (
+            isinstance(telemetry_every, bool)
+            or not isinstance(telemetry_every, int)
+            or telemetry_every < 1
+        ):
+            raise ValueError(f"telemetry_every must be a positive integer, got {telemetry_every!r}")
+        if param_budget == "model":  # the model's own parameters, not seeds it already has
+            param_budget = sum(p.numel() for p in model.parameters()) - sum(
+                p.numel() for p in model.seed_parameters()
+            )
         if param_budget is not None and (
             isinstance(param_budget, bool) or not isinstance(param_budget, int) or param_budget <= 0
         ):
@@ -184,6 +214,11 @@ class Controller:
         self.greedy = greedy
         self.spike_factor, self.snapshot_every = float(spike_factor), int(snapshot_every)
         self.warmup_steps, self.poll_interval = int(warmup_steps), float(poll_interval)
+        if telemetry_every is not None:
+            model.telemetry_every = telemetry_every
+        elif not model.telemetry_every:  # the policy reads per-layer health: sample it
+            model.telemetry_every = DEFAULT_TELEMETRY_EVERY
+        model.attach_optimizer(optimizer)
         self.steps = 0
         self.epoch = 0
         self.run_id: str | None = None
@@ -207,6 +242,8 @@ class Controller:
             ThreadPoolExecutor(1, thread_name_prefix="esper-controller") if client else None
         )
         self._outbox = Outbox(client, self._executor) if client else None
+        self._generation = -1
+        self._adopt()
         self._snapshot = self._take_snapshot()
         if client is not None:
             layers = [
@@ -239,8 +276,16 @@ class Controller:
     # -- the training loop's calls -------------------------------------------------------
     def step(self, loss: torch.Tensor | float) -> None:
         """One training step done (call it after `optimizer.step()`); never waits on the network."""
+        if isinstance(loss, torch.Tensor):
+            if loss.numel() != 1:
+                raise ValueError(
+                    "controller.step(loss) takes the batch's scalar loss; got a tensor of shape "
+                    f"{tuple(loss.shape)} (reduce it first, e.g. loss.mean())"
+                )
+            value = float(loss.detach())
+        else:
+            value = float(loss)
         self.steps += 1
-        value = float(loss.detach()) if isinstance(loss, torch.Tensor) else float(loss)
         self.model.step()
         verdict = self._verdict(value)
         spike = verdict == "spike"
@@ -251,6 +296,8 @@ class Controller:
         self.history.append(
             {"step": self.steps, "loss": value, "loss_ema": self._ema, "rolled_back": spike}
         )
+        if self.model.generation != self._generation:  # a checkpoint was loaded
+            self._adopt()
         self._collect()
         self._track()
         self._finish_waits()
@@ -279,11 +326,12 @@ class Controller:
         A finished run also reports its final validation metric (run metrics
         ``final_metric``: `eval_fn` on the model as it stands, or without one the last
         epoch's metric), which policy training credits to the run's growth decisions.
-        Returns whether every write reached the server. Seeds still mid-lifecycle are left
-        unreported (their outcome was never measured).
+        Returns whether every write reached the server and was accepted: False when one is
+        still unsent or the server refused one (with a bad token the run is never opened).
+        Seeds still mid-lifecycle are left unreported (their outcome was never measured).
         """
         if self._closed:
-            return not self._outbox
+            return self._outbox is None or (not self._outbox and not self._outbox.dropped)
         self._closed = True
         if self._outbox is None:
             return True
@@ -303,8 +351,12 @@ class Controller:
         running = [f for f in (*reads, self._outbox.in_flight) if f is not None]
         wait_futures(running, timeout=max(0.0, deadline - time.monotonic()))
         if not sent:
-            logger.warning("writes not sent before close", extra={"unsent": len(self._outbox)})
-        return sent
+            logger.warning(
+                "%d writes not sent before close",
+                len(self._outbox),
+                extra={"unsent": len(self._outbox)},
+            )
+        return sent and not self._outbox.dropped
 
     def __enter__(self) -> Controller:
         return self
@@ -351,7 +403,12 @@ class Controller:
             self._high = True
             return "high"
         if self._in_a_row >= MAX_ROLLBACKS_IN_A_ROW:
-            logger.warning("loss stays high after rollbacks; accepting it", extra={"loss": value})
+            logger.warning(
+                "loss stays high (%.4g) after %d rollbacks in a row; accepting it",
+                value,
+                self._in_a_row,
+                extra={"loss": value},
+            )
             self._ema, self._high = value, False
             return "ok"
         return "spike"
@@ -398,7 +455,12 @@ class Controller:
         self._since_snapshot = 0
         self._metric_now = None
         logger.warning(
-            "loss spike: rolled back to the last good snapshot",
+            "loss spike at step %d (loss %.4g, EMA %.4g): rolled back to step %d%s",
+            self.steps,
+            value,
+            self._ema if self._ema is not None else float("nan"),
+            snap.step,
+            f"; culled {', '.join(f'{a.layer}[{a.seed}]' for a in culled)}" if culled else "",
             extra={
                 "step": self.steps,
                 "loss": value,
@@ -529,22 +591,15 @@ class Controller:
             self._waits.append((experience, asked))
             return
         layer_name, seed, kernel = answer.get("layer"), answer.get("seed"), answer.get("kernel")
-        row = {
-            "experience": experience,
-            "step": asked.step,
-            "layer": layer_name,
-            "seed": seed,
-            "blueprint": answer.get("blueprint"),
-            "kernel": kernel,
-            "policy": answer.get("policy"),
-            "final_stage": None,
-            "contribution": None,
-            "params_added": 0,
-            "rolled_back": False,
-            "decision_to_training_s": None,
-            "decision_to_training_steps": None,
-            "finished_step": None,
-        }
+        row = _row(
+            experience,
+            asked.step,
+            layer_name,
+            seed,
+            kernel,
+            answer.get("blueprint"),
+            answer.get("policy"),
+        )
         self.adaptations.append(row)
         adaptation = _Adaptation(experience, layer_name, seed, str(kernel), asked, row)
         try:
@@ -554,7 +609,7 @@ class Controller:
                 raise ValueError("the decision granted no kernel")
             self.model.germinate(layer_name, seed, str(kernel))
         except ValueError as exc:
-            logger.warning("germinate decision not applicable", extra={"error": str(exc)})
+            logger.warning("germinate decision not applicable: %s", exc, extra={"error": str(exc)})
             self._finish(adaptation, Stage.CULLED, failures=1, tracked=False)
             return
         self._counts["germinated"] += 1
@@ -588,6 +643,43 @@ class Controller:
             self._finish(adaptation, Stage.CULLED, failures=1)
 
     # -- lifecycles ----------------------------------------------------------------------
+    def _adopt(self) -> None:
+        """Take on the model's seeds as they stand: at the start, and after each checkpoint
+        load (`model.generation`). A seed mid-lifecycle that no decision of this Controller
+        started (a resumed run's) goes on through its lifecycle and is judged, but has no
+        experience to report to. Seed parameters are re-read, as a load may replace them,
+        and join the optimizer."""
+        self._generation = self.model.generation
+        for name, layer in self.model.seed_layers.items():
+            for idx, stage in enumerate(layer.stages):
+                key = (name, idx)
+                if stage is Stage.FOSSILIZED:
+                    self._fossils[key] = self.model.seed_parameters(name, idx)
+                    optimizer_add(self.optimizer, self._fossils[key], layer)
+                    continue
+                if stage not in GRAFTED_STAGES and stage not in _BEFORE_TRAINING:
+                    continue
+                adaptation = self._active.get(key)
+                if adaptation is None:
+                    asked = _Asked(self.steps, time.monotonic(), math.nan, math.inf)
+                    row = _row(None, self.steps, name, idx, layer.kernel_ids[idx], policy="adopted")
+                    adaptation = _Adaptation(
+                        None, name, idx, str(layer.kernel_ids[idx]), asked, row
+                    )
+                    adaptation.stage, adaptation.stage_step = stage, self.steps
+                    adaptation.errors_at_start = layer.error_counts[idx]
+                    self._active[key] = adaptation
+                    logger.info(
+                        "seed %s[%d] adopted in %s",
+                        name,
+                        idx,
+                        stage.name,
+                        extra={"layer": name, "seed": idx, "stage": stage.name},
+                    )
+                if stage in GRAFTED_STAGES:
+                    adaptation.params = self.model.seed_parameters(name, idx)
+                    optimizer_add(self.optimizer, adaptation.params, layer)
+
     def _track(self) -> None:
         """Follow each seed's stage: new parameters into the optimizer, timed moves, judging."""
         for key, params in list(self._fossils.items()):
@@ -697,7 +789,8 @@ class Controller:
             "failures": failures,
             "rolled_back": rolled_back,
         }
-        self._report(adaptation.experience, outcome)
+        if adaptation.experience is not None:
+            self._report(adaptation.experience, outcome)
 
     def _finish_waits(self) -> None:
         due = [w for w in self._waits if self.steps - w[1].step >= self.decide_every]

@@ -121,6 +121,12 @@ class KernelLoader:
     ``client=None`` is an offline loader: only the memory and disk caches are used.
     """
 
+    def __deepcopy__(self, memo) -> KernelLoader:
+        """Shared, not copied: a deep copy of a wrapped model (`copy.deepcopy`, EMA/SWA's
+        `AveragedModel`) uses the same loader, which holds connections, threads or locks."""
+        memo[id(self)] = self
+        return self
+
     def __init__(
         self,
         client: EsperClient | None,
@@ -211,7 +217,10 @@ class KernelLoader:
             breaker.last_error = error = f"{type(exc).__name__}: {exc}"[:500]
             failures = breaker.failures
         logger.warning(
-            "kernel fetch failed",
+            "kernel %s fetch failed (%d so far): %s",
+            kernel_id,
+            failures,
+            error,
             extra={"kernel_id": kernel_id, "failures": failures, "error": error},
         )
 
