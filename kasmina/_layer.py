@@ -59,6 +59,10 @@ class SeedLayer(nn.Module):
         if num_seeds < 1:
             raise ValueError(f"seeds_per_layer must be at least 1, got {num_seeds}")
         self.host = host
+        # Plain references for the forward pass (registered modules are reached through
+        # nn.Module.__getattr__, a Python call per access): the host, and the live seeds.
+        object.__setattr__(self, "_host", host)
+        self._live_seeds: tuple[tuple[int, nn.Module], ...] = ()
         self.layer_name = layer_name
         self.num_seeds = num_seeds
         self.signature = host_signature(host)
@@ -117,7 +121,7 @@ class SeedLayer(nn.Module):
 
     # -- forward -------------------------------------------------------------------------
     def forward(self, *args, **kwargs):
-        h = self.host(*args, **kwargs)
+        h = self._host(*args, **kwargs)
         if not self._active:
             return h
         return self._morph(args[0] if args else next(iter(kwargs.values())), h)
@@ -133,22 +137,28 @@ class SeedLayer(nn.Module):
             self._update_active()
         out = h
         x_src = self._take_bridge_input() if self._bridged else None
-        for i in self._live:
-            seed = self.seeds[str(i)]
+        flat = self._features and x.dim() != 2  # [..., width] -> [N, width] -> h's shape
+        for i, seed in self._live_seeds:
             training = self.stages[i] is Stage.TRAINING
             graft = self.grafts[i]
             inp = h if graft == "residual" else x if graft == "parallel" else x_src
             if training:
                 inp = inp.detach()  # the host is untouched while the seed incubates
+            if flat:
+                inp = inp.reshape(-1, inp.shape[-1])
             if sample and h.device.type == "cpu":
                 started = time.perf_counter()
-                s = self._run(seed, inp, h)
+                s = seed(inp)
                 self._latency_pending.append((i, (time.perf_counter() - started) * 1e6))
             else:
-                s = self._run(seed, inp, h)
+                s = seed(inp)
+            if flat:
+                s = s.reshape(h.shape)
             if self.guard_nonfinite:
-                finite = torch.isfinite(s).all()
-                s = torch.where(finite, s, torch.zeros_like(s))
+                # One reduction: a sum is finite iff every element is (barring an overflow
+                # of finite values near the float maximum, which only makes it cautious).
+                finite = torch.isfinite(s.sum())
+                s = torch.where(finite, s, 0.0)
                 self.seed_fallback[i] |= ~finite
             if sample:
                 with torch.no_grad():
@@ -159,11 +169,6 @@ class SeedLayer(nn.Module):
             else:
                 out = out + self.seed_alpha[i].to(s.dtype) * s
         return out
-
-    def _run(self, seed: nn.Module, inp: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
-        if self._features and inp.dim() != 2:  # [..., width] -> [N, width] -> h's shape
-            return seed(inp.reshape(-1, inp.shape[-1])).reshape(h.shape)
-        return seed(inp)
 
     def _take_bridge_input(self) -> torch.Tensor:
         source = self._source[0]
@@ -203,6 +208,7 @@ class SeedLayer(nn.Module):
         self._live = tuple(
             i for i, s in enumerate(self.stages) if s in GRAFTED_STAGES and str(i) in self.seeds
         )
+        self._live_seeds = tuple((i, self.seeds[str(i)]) for i in self._live)
         self._bridged = any(self.grafts[i] == "bridge" for i in self._live)
         self._update_active()
         self.busy = any(stage is not Stage.DORMANT for stage in self.stages)
