@@ -332,11 +332,13 @@ class MorphableModel(nn.Module):
         self._install(layer, idx, loaded, module, optimizer)
         return layer.stages[idx]
 
-    def unload_kernel(self, layer_name: str, seed_idx: int, *, optimizer=None) -> None:
+    def unload_kernel(
+        self, layer_name: str, seed_idx: int, *, optimizer=None, reason: str = "unload_kernel"
+    ) -> None:
         """Cull a seed: its module is removed and the layer's output is the host's, exactly."""
         layer, idx = self._seed(layer_name, seed_idx)
         params = self.seed_parameters(layer_name, idx)
-        self._move(layer, idx, Stage.CULLED, "unload_kernel")
+        self._move(layer, idx, Stage.CULLED, reason)
         if optimizer is not None:
             optimizer_remove(optimizer, params)
 
@@ -788,6 +790,11 @@ def wrap(
     nn.Linear seed layer fed by another through parameter-free modules of an nn.Sequential),
     None (no bridges), or a mapping {consumer layer: source layer}.
     """
+    if any(isinstance(m, (MorphableModel, SeedLayer)) for m in model.modules()):
+        raise ValueError(
+            "the model is already wrapped (it holds seed layers): wrap the plain model once, "
+            "with every layer that should host seeds in `target`"
+        )
     if loader is None and client is not None:
         from kasmina.cache import KernelCache
         from kasmina.loader import KernelLoader

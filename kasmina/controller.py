@@ -443,7 +443,12 @@ class Controller:
                     continue
                 if snap.holds(self.model.seed_parameters(name, idx)):
                     continue
-                self.model.unload_kernel(name, idx, optimizer=self.optimizer)
+                self.model.unload_kernel(
+                    name,
+                    idx,
+                    optimizer=self.optimizer,
+                    reason="rolled back: newer than the snapshot",
+                )
                 self._fossils.pop((name, idx), None)
                 adaptation = self._active.get((name, idx))
                 if adaptation is not None:
@@ -746,7 +751,8 @@ class Controller:
                 params_added=params,
             )
         else:
-            self.model.unload_kernel(name, idx, optimizer=self.optimizer)
+            reason = "the loss got worse" if contribution is None else "contribution <= 0"
+            self.model.unload_kernel(name, idx, optimizer=self.optimizer, reason=reason)
             adaptation.params = []
             self._finish(adaptation, Stage.CULLED, contribution=contribution, metric_after=after)
 

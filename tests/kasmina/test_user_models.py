@@ -213,6 +213,8 @@ def test_a_resumed_run_judges_the_seeds_its_checkpoint_left_mid_lifecycle(
         # judged (no contribution under a constant metric: culled), with nothing to report
         assert resumed.layer("fc1").stages[0] in (Stage.CULLED, Stage.EMBARGOED)
         assert controller.stats()["culled"] == 1 and controller.adaptations == []
+        culls = [e["reason"] for e in resumed.events if e["to"] == "CULLED"]
+        assert culls == ["contribution <= 0"]
     finally:
         controller.close(timeout=5)
 
@@ -247,3 +249,10 @@ def test_a_refused_token_is_said_plainly_and_close_reports_it(registry, caplog):
     messages = [r.getMessage() for r in caplog.records]
     assert any(m.startswith("open run refused by the server") and "401" in m for m in messages)
     assert any("close run dropped: the run was never opened" in m for m in messages)
+
+
+def test_wrapping_a_wrapped_model_says_to_wrap_once():
+    model = wrap(SeqMLP())
+    for again in (model, nn.Sequential(model.model)):
+        with pytest.raises(ValueError, match="already wrapped"):
+            wrap(again)
