@@ -39,8 +39,8 @@ class Write:
 class Outbox:
     """Ordered, retried writes through `client.request`, sent on `executor`'s thread."""
 
-    def __init__(self, client, executor: Executor) -> None:
-        self.client, self.executor = client, executor
+    def __init__(self, client, executor: Executor, give_up: Callable[[], bool] | None = None):
+        self.client, self.executor, self.give_up = client, executor, give_up
         self._queue: deque[Write] = deque()
         self._lock = threading.Lock()
         self._drain: Future | None = None
@@ -105,7 +105,11 @@ class Outbox:
             else:
                 try:
                     answer = self.client.request(
-                        item.method, path, item.body, idempotent=item.idempotent
+                        item.method,
+                        path,
+                        item.body,
+                        idempotent=item.idempotent,
+                        give_up=self.give_up,
                     )
                 except RegistryUnavailable as exc:
                     delay = self._backoff()

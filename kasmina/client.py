@@ -13,6 +13,7 @@ import logging
 import os
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
@@ -250,6 +251,7 @@ class EsperClient:
         idempotent: bool | None = None,
         accept: tuple[int, ...] = (),
         stream: bool = False,
+        give_up: Callable[[], bool] | None = None,
     ) -> requests.Response:
         method = method.upper()
         url = self.url(path)
@@ -258,6 +260,9 @@ class EsperClient:
         attempts = self.retries + 1
         last: _Retryable | None = None
         for attempt in range(attempts):
+            if give_up is not None and give_up():
+                reason = last.reason if last is not None else "not sent"
+                raise RegistryUnavailable(url, attempt, f"{reason}; the caller gave up")
             if attempt:
                 delay = self.backoff * 2 ** (attempt - 1)
                 logger.info(
@@ -309,14 +314,18 @@ class EsperClient:
         *,
         params: dict | None = None,
         idempotent: bool | None = None,
+        give_up: Callable[[], bool] | None = None,
     ) -> dict:
         """Call the API and return its JSON body (``{}`` for an empty answer).
 
         ``path`` is relative to ``/api/v1/`` (``"runs/"``) or absolute from the server root
         (``"/healthz"``). GET/PUT/DELETE are retried on connection errors, timeouts and 5xx;
-        POST/PATCH only when the connection was refused, unless ``idempotent=True``.
+        POST/PATCH only when the connection was refused, unless ``idempotent=True``. When
+        ``give_up()`` turns true, no further attempt starts (`RegistryUnavailable`).
         """
-        response = self._send(method, path, json=json, params=params, idempotent=idempotent)
+        response = self._send(
+            method, path, json=json, params=params, idempotent=idempotent, give_up=give_up
+        )
         return _json_body(response)
 
     # --- registry -------------------------------------------------------------------------
@@ -369,8 +378,10 @@ class EsperClient:
         # Get-or-create by cache key on the server, so a repeated POST is harmless.
         return KernelInfo.from_json(self.request("POST", "kernels/", body, idempotent=True))
 
-    def get_kernel(self, kernel_id: str) -> KernelInfo:
-        return KernelInfo.from_json(self.request("GET", f"kernels/{kernel_id}/"))
+    def get_kernel(
+        self, kernel_id: str, *, give_up: Callable[[], bool] | None = None
+    ) -> KernelInfo:
+        return KernelInfo.from_json(self.request("GET", f"kernels/{kernel_id}/", give_up=give_up))
 
     def download_artifact(self, kernel_id: str, *, expected_sha256: str | None = None) -> bytes:
         """The kernel's ``.pt2`` bytes, checked against ``X-Checksum-SHA256`` and ``expected_sha256``.

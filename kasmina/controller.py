@@ -19,6 +19,7 @@ from __future__ import annotations
 import logging
 import math
 import statistics
+import threading
 import time
 from collections import Counter, deque
 from collections.abc import Callable, Mapping
@@ -241,7 +242,10 @@ class Controller:
         self._executor = (
             ThreadPoolExecutor(1, thread_name_prefix="esper-controller") if client else None
         )
-        self._outbox = Outbox(client, self._executor) if client else None
+        # Set once close() stops waiting: requests still queued or retrying give up, so a
+        # hung server cannot hold the process open at exit for every retry.
+        self._stopping = threading.Event()
+        self._outbox = Outbox(client, self._executor, self._stopping.is_set) if client else None
         self._generation = -1
         self._adopt()
         self._snapshot = self._take_snapshot()
@@ -350,6 +354,7 @@ class Controller:
         # A request already on the wire may finish (within the deadline), not outlive close().
         running = [f for f in (*reads, self._outbox.in_flight) if f is not None]
         wait_futures(running, timeout=max(0.0, deadline - time.monotonic()))
+        self._stopping.set()
         if not sent:
             logger.warning(
                 "%d writes not sent before close",
@@ -567,7 +572,11 @@ class Controller:
         if self.greedy:  # sent only when set: servers without the field accept the rest
             body["greedy"] = True
         future = self._executor.submit(
-            self.client.request, "POST", f"runs/{self.run_id}/decisions/", body
+            self.client.request,
+            "POST",
+            f"runs/{self.run_id}/decisions/",
+            body,
+            give_up=self._stopping.is_set,
         )
         self._asked = (future, asked)
 
@@ -633,7 +642,9 @@ class Controller:
                 and not self._closed
             ):
                 adaptation.next_poll = now + self.poll_interval
-                adaptation.poll = self._executor.submit(self.client.get_kernel, adaptation.kernel)
+                adaptation.poll = self._executor.submit(
+                    self.client.get_kernel, adaptation.kernel, give_up=self._stopping.is_set
+                )
 
     def _kernel_status(self, adaptation: _Adaptation, status: str, error: str) -> None:
         layer = self.model.layer(adaptation.layer)

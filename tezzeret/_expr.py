@@ -7,6 +7,8 @@ evaluated here with exact `Fraction` arithmetic; Python never evaluates them its
 from __future__ import annotations
 
 import ast
+import functools
+import threading
 from fractions import Fraction
 
 __all__ = [
@@ -52,12 +54,33 @@ _EXPR_NODES = (
 )  # fmt: skip
 
 
+_PARSE_LOCK = threading.Lock()
+
+
+@functools.lru_cache(maxsize=4096)
+def _parse(text: str) -> ast.Expression:
+    """`ast.parse` of one expression, once per distinct text (the trees are only read).
+
+    Serialised: CPython 3.11 keeps the AST converter's recursion depth in interpreter-wide
+    state, so two threads parsing at once (a compile worker thread and a request thread in
+    the embedded server) can fail with ``SystemError: AST constructor recursion depth
+    mismatch`` (python/cpython#106905). Another library's parse can still collide with one
+    of ours, so that error is retried once."""
+    with _PARSE_LOCK:
+        try:
+            return ast.parse(text, mode="eval")
+        except SystemError as exc:
+            if "recursion depth mismatch" not in str(exc):
+                raise
+            return ast.parse(text, mode="eval")
+
+
 def parse_expr(text: str, field: str, names: frozenset[str]) -> tuple[ast.Expression, set[str]]:
     """Parse a dimension expression; returns the tree and the names it references."""
     if len(text) > MAX_EXPR_CHARS:
         raise IRError(field, f"expression longer than {MAX_EXPR_CHARS} characters")
     try:
-        tree = ast.parse(text.strip(), mode="eval")
+        tree = _parse(text.strip())
     except (SyntaxError, ValueError) as exc:
         raise IRError(
             field,

@@ -29,8 +29,9 @@ def param_count(*, ir: dict, signature: object) -> int:
 def kernel_compile(*, kernel_id: str) -> Kernel | None:
     """Claim the kernel, compile it and record the outcome. Deterministic failures reject it.
 
-    Transient errors (storage, database) propagate so the task can retry them; the kernel
-    is handed back to `pending` first.
+    Anything else (storage, database, an interpreter error such as CPython 3.11's AST race)
+    propagates so the task can retry it; the kernel is handed back to `pending` first, with
+    the error noted, and the claim rejects it once its attempts run out.
     """
     from tezzeret.compiler import CompileError, compile_kernel
 
@@ -46,6 +47,11 @@ def kernel_compile(*, kernel_id: str) -> Kernel | None:
         urza_services.kernel_mark_rejected(kernel=kernel, error=str(exc))
         logger.warning("kernel rejected", extra={"kernel": kernel_id, "error": str(exc)})
         return kernel
+    except Exception as exc:
+        error = f"attempt {kernel.attempts} failed: {type(exc).__name__}: {exc}"
+        urza_services.kernel_release(kernel=kernel, error=error)
+        logger.exception("kernel compile failed; released for a retry", extra={"kernel": kernel_id})
+        raise
     try:
         urza_services.kernel_mark_validated(
             kernel=kernel,

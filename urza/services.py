@@ -243,7 +243,8 @@ def kernel_claim(*, kernel_id: str) -> Kernel | None:
             Kernel.objects.filter(pk=kernel.pk).update(
                 status=Kernel.Status.REJECTED,
                 error=f"gave up after {kernel.attempts} attempts that did not finish "
-                "(worker lost or transient storage/database errors each time)",
+                "(worker lost, or an error that may pass, each time)"
+                + (f"; the last: {kernel.error}" if kernel.error else ""),
             )
             return None
         Kernel.objects.filter(pk=kernel.pk).update(
@@ -287,11 +288,13 @@ def kernel_mark_rejected(*, kernel: Kernel, error: str, report: dict | None = No
     return bool(updated)
 
 
-def kernel_release(*, kernel: Kernel) -> None:
-    """Hand a claimed kernel back to `pending` after a transient failure (it will be retried)."""
-    Kernel.objects.filter(pk=kernel.pk, status=Kernel.Status.COMPILING).update(
-        status=Kernel.Status.PENDING
-    )
+def kernel_release(*, kernel: Kernel, error: str = "") -> None:
+    """Hand a claimed kernel back to `pending` after a failure that may pass (it will be
+    retried); `error` notes what happened (shown while pending, and if the attempts run out)."""
+    fields = {"status": Kernel.Status.PENDING}
+    if error:
+        fields["error"] = error[:4000]
+    Kernel.objects.filter(pk=kernel.pk, status=Kernel.Status.COMPILING).update(**fields)
 
 
 def kernel_retire(*, kernel: Kernel) -> Kernel:

@@ -4,12 +4,15 @@ import copy
 import socket
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
 
 from kasmina import Stage
+from kasmina._outbox import Outbox, Write
 from kasmina.client import EsperClient
+from kasmina.errors import RegistryUnavailable
 from tests.kasmina._loop import Loop
 
 CLOSED_PORT = "http://127.0.0.1:1"  # nothing listens on port 1: connections are refused
@@ -145,6 +148,31 @@ def test_no_step_waits_on_a_request_that_hangs(silent_server, token):
     assert len(accepted) == 1 and loop.controller.steps == 60
     assert loop.controller.run_id is None and loop.controller.stats()["pending_writes"] == 1
     assert not loop.controller.close(timeout=0.2)
+
+
+def test_a_caller_that_gives_up_stops_the_retries_against_a_hung_server(silent_server, token):
+    url, accepted = silent_server
+    client = EsperClient(url, token.key, timeout=0.5, retries=3, backoff=0.0)
+    stop = threading.Event()
+    threading.Timer(0.2, stop.set).start()
+    with pytest.raises(RegistryUnavailable, match="the caller gave up"):
+        client.request("GET", "runs/", give_up=stop.is_set)
+    assert len(accepted) == 1  # the attempt on the wire, and none of the three retries
+
+
+def test_once_close_gives_up_the_outbox_starts_no_more_sends(silent_server, token):
+    url, accepted = silent_server
+    client = EsperClient(url, token.key, timeout=0.5, retries=3, backoff=0.0)
+    stop = threading.Event()
+    with ThreadPoolExecutor(1) as executor:
+        outbox = Outbox(client, executor, stop.is_set)
+        for i in range(3):  # idempotent writes: each would be tried 4 times
+            outbox.put(Write("PATCH", lambda i=i: f"runs/{i}/", {}, f"write {i}"))
+        outbox.pump()
+        threading.Timer(0.2, stop.set).start()
+        drain = outbox.in_flight
+        drain.result(timeout=30)
+    assert len(accepted) == 1 and len(outbox) == 3  # kept, not sent, not retried
 
 
 def test_a_loop_with_an_lr_scheduler_grows_a_seed_through_its_whole_lifecycle(make_loop):
