@@ -143,6 +143,10 @@ class Controller:
     a server policy ("gnn", "heuristic", "random"; None: the server's active one), and
     `greedy=True` asks it for its most likely action instead of a sample: no exploration,
     for a run that wants the policy's best guess rather than experiences to learn from.
+    `telemetry_every` sets how often per-layer health (what the policy reads) is sampled:
+    by default the model's own setting, or every 10 steps when the model samples none.
+    Seeds the Controller did not start (a resumed checkpoint's) go on through their
+    lifecycle and are judged, with no outcome to report.
     """
 
     def __init__(
