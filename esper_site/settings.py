@@ -229,6 +229,9 @@ CELERY_BROKER_TRANSPORT_OPTIONS = {
     "visibility_timeout": _number("ESPER_VISIBILITY_TIMEOUT", 600, low=1),
     "unacked_restore_interval": _number("ESPER_UNACKED_RESTORE_INTERVAL", 10, low=1),
     "unacked_restore_throttle": _number("ESPER_UNACKED_RESTORE_THROTTLE", 10, low=0),
+    # The lock a worker holds while it restores unacked jobs expires after this; a worker
+    # killed while holding it (kombu's default, 300 s) would block redelivery that long.
+    "unacked_mutex_expire": _number("ESPER_UNACKED_MUTEX_EXPIRE", 300, low=1),
 }
 if ESPER_EMBEDDED_BROKER:
     # The in-process broker is polled: poll often so jobs and pings are picked up quickly.

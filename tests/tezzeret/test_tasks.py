@@ -94,6 +94,8 @@ def test_a_worker_killed_mid_compile_is_redelivered_and_validated_exactly_once(
         "ESPER_VISIBILITY_TIMEOUT": "3",
         "ESPER_UNACKED_RESTORE_INTERVAL": "1",
         "ESPER_UNACKED_RESTORE_THROTTLE": "1",
+        # killed at any moment, the first worker may hold the restore lock: let it lapse
+        "ESPER_UNACKED_MUTEX_EXPIRE": "2",
     }
     app.control.purge()
     # This test owns the compile queue: other workers of the session stop consuming it.
