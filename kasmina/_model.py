@@ -54,12 +54,13 @@ def _select_targets(model: nn.Module, target) -> list[tuple[str, nn.Module]]:
     if isinstance(target, type) or (
         isinstance(target, tuple) and all(isinstance(t, type) for t in target)
     ):
-        chosen = [(n, m) for n, m in named if isinstance(m, target) and n not in bypassed]
-        if bypassed:
+        matched = [(n, m) for n, m in named if isinstance(m, target)]
+        chosen = [(n, m) for n, m in matched if n not in bypassed]
+        if len(chosen) < len(matched):
             logger.info(
                 "layers left without seeds: their parent computes with their weights "
                 "directly, bypassing a seed",
-                extra={"layers": sorted(bypassed)},
+                extra={"layers": sorted(n for n, _ in matched if n in bypassed)},
             )
     else:
         if isinstance(target, str):
@@ -160,7 +161,8 @@ class MorphableModel(nn.Module):
 
     def __deepcopy__(self, memo) -> MorphableModel:
         """A copy (`copy.deepcopy`, EMA/SWA's `AveragedModel`) with its own seeds and state,
-        sharing the kernel loader; it has no fetch in flight and no optimizer attached."""
+        sharing the kernel loader (with its client, cache and thread); it has no fetch in
+        flight and no optimizer attached."""
         new = type(self).__new__(type(self))
         memo[id(self)] = new
         for key, value in self.__dict__.items():
@@ -688,18 +690,13 @@ def _probe_side(host: nn.Module) -> int:
     for its kernel, dilation and padding to leave an output of 2 or more."""
     if not isinstance(host, nn.Conv2d):
         return 8
+    if host.padding == "same":
+        return 8
+    padding = (0, 0) if host.padding == "valid" else host.padding
     need = 8
-    for k, d, p, s in zip(
-        host.kernel_size, host.dilation, _padding(host), host.stride, strict=True
-    ):
+    for k, d, p, s in zip(host.kernel_size, host.dilation, padding, host.stride, strict=True):
         need = max(need, d * (k - 1) + 1 - 2 * p + s)
     return need
-
-
-def _padding(host: nn.Conv2d) -> tuple[int, int]:
-    if isinstance(host.padding, str):  # "same" or "valid"
-        return (0, 0) if host.padding == "valid" else tuple(host.kernel_size)
-    return tuple(host.padding)
 
 
 def _steps_for_alpha(alpha: float, total: int, kind: str) -> int:
@@ -734,10 +731,9 @@ def optimizer_add(
     params = [p for p in params if id(p) not in present]
     if not params:
         return
-    new = {id(p) for p in params}
-    owned = {id(p) for p in layer.parameters()} - new
-    _flat_history_stale(optimizer)
     order = {id(p): i for i, p in enumerate(layer.parameters())}
+    owned = set(order) - {id(p) for p in params}
+    _flat_history_stale(optimizer)
     first = min((order[id(p)] for p in params if id(p) in order), default=len(order))
     for group in optimizer.param_groups:
         at = [i for i, p in enumerate(group["params"]) if id(p) in owned]

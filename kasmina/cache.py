@@ -59,12 +59,6 @@ class CacheEntry:
 class KernelCache:
     """Thread-safe LRU of `CacheEntry` keyed by kernel id; ``get`` is O(1) and copies nothing."""
 
-    def __deepcopy__(self, memo) -> KernelCache:
-        """Shared, not copied: a deep copy of a wrapped model (`copy.deepcopy`, EMA/SWA's
-        `AveragedModel`) uses the same cache, which holds connections, threads or locks."""
-        memo[id(self)] = self
-        return self
-
     def __init__(
         self,
         max_entries: int = 64,

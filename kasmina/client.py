@@ -151,12 +151,6 @@ class EsperClient:
     background thread while the training loop polls).
     """
 
-    def __deepcopy__(self, memo) -> EsperClient:
-        """Shared, not copied: a deep copy of a wrapped model (`copy.deepcopy`, EMA/SWA's
-        `AveragedModel`) uses the same client, which holds connections, threads or locks."""
-        memo[id(self)] = self
-        return self
-
     def __init__(
         self,
         base_url: str | None = None,

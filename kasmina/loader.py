@@ -121,12 +121,6 @@ class KernelLoader:
     ``client=None`` is an offline loader: only the memory and disk caches are used.
     """
 
-    def __deepcopy__(self, memo) -> KernelLoader:
-        """Shared, not copied: a deep copy of a wrapped model (`copy.deepcopy`, EMA/SWA's
-        `AveragedModel`) uses the same loader, which holds connections, threads or locks."""
-        memo[id(self)] = self
-        return self
-
     def __init__(
         self,
         client: EsperClient | None,
