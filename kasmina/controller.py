@@ -791,8 +791,6 @@ class Controller:
         if adaptation.poll is not None:
             adaptation.poll.cancel()
         self._metric_now = None
-        if metric_after is None:
-            metric_after = self._metric()
         self._counts[final.name.lower()] += 1
         adaptation.row.update(
             final_stage=final.name,
@@ -801,6 +799,10 @@ class Controller:
             rolled_back=rolled_back,
             finished_step=self.steps,
         )
+        if adaptation.experience is None:  # adopted: no decision to report to
+            return
+        if metric_after is None:
+            metric_after = self._metric()
         outcome = {
             "final_stage": final.name,
             "contribution": contribution,
@@ -810,8 +812,7 @@ class Controller:
             "failures": failures,
             "rolled_back": rolled_back,
         }
-        if adaptation.experience is not None:
-            self._report(adaptation.experience, outcome)
+        self._report(adaptation.experience, outcome)
 
     def _finish_waits(self) -> None:
         due = [w for w in self._waits if self.steps - w[1].step >= self.decide_every]
