@@ -7,6 +7,7 @@ Set `DATABASE_URL` and `CELERY_BROKER_URL` for the served mode (Postgres + Redis
 
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 
@@ -43,8 +44,7 @@ def _number(name: str, default, *, low=None, high=None):
     except ValueError:
         raise ImproperlyConfigured(f"{what}{bounds}, got {text!r}") from None
     if (
-        value != value
-        or value in (float("inf"), float("-inf"))
+        not math.isfinite(value)
         or (low is not None and value < low)
         or (high is not None and value > high)
     ):
