@@ -1,6 +1,7 @@
 """The growth benchmark's verdicts: what counts as beating random placement."""
 
 import sys
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -73,3 +74,25 @@ def test_the_half_params_target_counts_a_gap_of_exactly_half_a_point_as_within()
     one_more_miss = growth.summarise("grown", _runs([c / n for c in (348, 347, 348, 347, 347)]))
     assert not growth.half_params_verdict({**one_more_miss, "params": 1202}, large)["met"]
     assert not growth.half_params_verdict({**large, "params": 1206}, large)["met"]
+
+
+def test_the_frontier_lies_strictly_between_the_small_and_the_large_width():
+    assert growth.frontier_widths(16) == [20, 24, 28, 30, 32, 48]
+    assert growth.frontier_widths(8) == [10, 12, 14, 15, 16, 24]
+    # rounding collapses widths of tiny models; none equals small or large
+    assert growth.frontier_widths(2) == [3, 4, 6]
+
+
+def test_each_setup_writes_its_own_result_files():
+    assert growth.result_name("digits", growth.HIDDEN, growth.SEEDS) == "growth"
+    assert growth.result_name("digits", 8, growth.SEEDS) == "growth-h8"
+    assert growth.result_name("digits", growth.HIDDEN, 20) == "growth-seeds20"
+    assert growth.result_name("mnist1d", 8, 20) == "growth-mnist1d-h8-seeds20"
+
+
+def test_grow_all_at_once_takes_the_kernel_the_heuristic_kept_not_the_one_it_retried():
+    picked = Counter({"residual-mlp-small": 13, "bridge-mlp-16": 8})
+    kept = Counter({"bridge-mlp-16": 2, "residual-mlp-wide": 1})
+    assert growth.all_at_once_choice(kept, picked) == "bridge-mlp-16"
+    assert growth.all_at_once_choice(Counter(), picked) == "residual-mlp-small"
+    assert growth.all_at_once_choice(Counter(), Counter()) == "lowrank-adapter"
