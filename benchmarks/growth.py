@@ -41,8 +41,8 @@ A static frontier (the same loop for widths between small and large: 1.25, 1.5, 
 model of a given size gets when it is trained from scratch at that size.
 
 Why 16 and not 8: with a 64-8-10 start no MLP of half the large model's size gets within
-0.5 points of 64-32-10 on digits (64-16-10, 5 parameters over the line, is 0.35-0.64 below
-over 20 seeds), so that target measured the data set's noise, not growth. From 64-16-10
+0.5 points of 64-32-10 on digits (64-16-10, 5 parameters over the line, is 0.35 below on
+seeds 0-19 and 0.64 on seeds 20-39), so that target measured the data set's noise, not growth. From 64-16-10
 the small model is 0.9 points below 64-64-10 and a half-size model can reach the line;
 `--hidden 8` runs the old setup.
 
