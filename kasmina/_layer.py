@@ -8,6 +8,7 @@ recompiles under `torch.compile` when it changes).
 
 from __future__ import annotations
 
+import operator
 import time
 import uuid
 
@@ -16,9 +17,19 @@ from torch import nn
 
 from kasmina.lifecycle import GRAFTED_STAGES, Stage, check_transition
 
-__all__ = ["SeedLayer", "host_signature", "kernel_id_from_tensor", "kernel_id_to_tensor"]
+__all__ = [
+    "MAX_SEEDS_PER_LAYER",
+    "SeedLayer",
+    "check_int",
+    "host_signature",
+    "kernel_id_from_tensor",
+    "kernel_id_to_tensor",
+]
 
 _MASK64 = (1 << 64) - 1
+# The most seeds a layer may hold: the decision server refuses a graph document with more
+# (tamiyo/graph.py MAX_SEEDS, server side; kasmina does not import the server's code).
+MAX_SEEDS_PER_LAYER = 16
 GRAFT_CODES = ("residual", "parallel", "bridge")  # `seed_graft` buffer values
 
 
@@ -35,6 +46,23 @@ def kernel_id_from_tensor(t: torch.Tensor) -> str | None:
     hi, lo = (int(v) & _MASK64 for v in t.tolist())
     value = (hi << 64) | lo
     return None if value == 0 else str(uuid.UUID(int=value))
+
+
+def check_int(name: str, value: object, low: int, high: int | None = None) -> int:
+    """`value` as an int, if it is an integer (not a bool, float or string) within
+    [low, high]; a TypeError or ValueError that says what to pass otherwise."""
+    bounds = f"between {low} and {high}" if high is not None else f">= {low}"
+    try:
+        if isinstance(value, bool):
+            raise TypeError
+        number = operator.index(value)  # ints, and integer scalars such as numpy's
+    except TypeError:
+        raise TypeError(
+            f"{name} must be an int {bounds}, got {type(value).__name__} {value!r}"
+        ) from None
+    if number < low or (high is not None and number > high):
+        raise ValueError(f"{name} must be an int {bounds}, got {number}")
+    return number
 
 
 def host_signature(host: nn.Module) -> dict:
@@ -56,8 +84,7 @@ class SeedLayer(nn.Module):
 
     def __init__(self, host: nn.Module, *, layer_name: str, num_seeds: int = 1) -> None:
         super().__init__()
-        if num_seeds < 1:
-            raise ValueError(f"seeds_per_layer must be at least 1, got {num_seeds}")
+        num_seeds = check_int("seeds_per_layer", num_seeds, 1, MAX_SEEDS_PER_LAYER)
         self.host = host
         # Plain references for the forward pass (registered modules are reached through
         # nn.Module.__getattr__, a Python call per access): the host, and the live seeds.
@@ -91,7 +118,7 @@ class SeedLayer(nn.Module):
         self._active = False  # the dormant fast path's one check
         self.busy = False  # any seed not DORMANT (lets step() skip idle layers)
         self._sample = False
-        self.forward_count = 0
+        self.forward_count = 0  # eager forwards through the seeds (compiled ones are not counted)
         self.guard_nonfinite = True
         self._telemetry: dict[str, torch.Tensor] = {}
         self._latency_pending: list[tuple[int, float]] = []
@@ -127,7 +154,12 @@ class SeedLayer(nn.Module):
         return self._morph(args[0] if args else next(iter(kwargs.values())), h)
 
     def _morph(self, x: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
-        self.forward_count += 1
+        # Under torch.compile nothing here may change a Python int or float on the module per
+        # call: dynamo guards on such attributes and would recompile on every forward. So
+        # compiled calls are not counted, and latency is not timed while compiling.
+        compiling = torch.compiler.is_compiling()
+        if not compiling:
+            self.forward_count += 1
         if self._taps:
             self._tapped = x
         sample = self._sample
@@ -137,7 +169,9 @@ class SeedLayer(nn.Module):
             self._update_active()
         out = h
         x_src = self._take_bridge_input() if self._bridged else None
-        flat = self._features and x.dim() != 2  # [..., width] -> [N, width] -> h's shape
+        # Kernels take a batch: features [..., width] -> [N, width], and an unbatched channels
+        # input [C, H, W] -> [1, C, H, W]; the seed's output is reshaped to h's shape.
+        flat = x.dim() != 2 if self._features else x.dim() == 3
         for i, seed in self._live_seeds:
             training = self.stages[i] is Stage.TRAINING
             graft = self.grafts[i]
@@ -145,8 +179,8 @@ class SeedLayer(nn.Module):
             if training:
                 inp = inp.detach()  # the host is untouched while the seed incubates
             if flat:
-                inp = inp.reshape(-1, inp.shape[-1])
-            if sample and h.device.type == "cpu":
+                inp = inp.reshape(-1, inp.shape[-1]) if self._features else inp.unsqueeze(0)
+            if sample and not compiling and h.device.type == "cpu":
                 started = time.perf_counter()
                 s = seed(inp)
                 self._latency_pending.append((i, (time.perf_counter() - started) * 1e6))
@@ -176,8 +210,12 @@ class SeedLayer(nn.Module):
         if x_src is None:
             raise RuntimeError(
                 f"a bridge seed of layer {self.layer_name!r} reads the input of "
-                f"{source.layer_name!r}, which did not run before it in this forward pass; "
-                "bridge only layers that feed each other (wrap(..., bridges=...))"
+                f"{source.layer_name!r}, which did not run before it in this forward pass, or "
+                "whose input was already read: either the two layers do not feed each other "
+                "(name the bridges that do: wrap(..., bridges={consumer: source})), or "
+                f"{self.layer_name!r} ran again without {source.layer_name!r}, as when "
+                "activation checkpointing recomputes the consumer alone (checkpoint both "
+                "layers together, or wrap(..., bridges=None))"
             )
         return x_src
 
@@ -189,8 +227,9 @@ class SeedLayer(nn.Module):
         std = ((h * h).mean() - mean * mean).clamp_min(0).sqrt()
         if self._features:  # units are the last dim, whatever comes before it
             per_unit = h.reshape(-1, h.shape[-1]).amax(dim=0)
-        else:  # channels: dim 1 of [N, C, H, W]
-            per_unit = h.amax(dim=(0, *range(2, h.dim())))
+        else:  # channels: dim 1 of [N, C, H, W], dim 0 of an unbatched [C, H, W]
+            units = h.dim() - 3
+            per_unit = h.amax(dim=tuple(d for d in range(h.dim()) if d != units))
         dead = (per_unit <= 0).float().mean()
         self._telemetry["activation"] = torch.stack([mean, std, dead])
 

@@ -13,8 +13,15 @@ from concurrent.futures import Future
 
 import torch
 from torch import nn
+from torch.nn.parameter import is_lazy
 
-from kasmina._layer import SeedLayer, host_signature, kernel_id_from_tensor
+from kasmina._layer import (
+    MAX_SEEDS_PER_LAYER,
+    SeedLayer,
+    check_int,
+    host_signature,
+    kernel_id_from_tensor,
+)
 from kasmina.errors import KasminaError
 from kasmina.lifecycle import GRAFTED_STAGES, Stage, alpha_schedule
 
@@ -48,13 +55,40 @@ def _bypassed(model: nn.Module) -> dict[str, str]:
     return out
 
 
+def _check_materialised(name: str, module: nn.Module) -> None:
+    """Lazy modules (`nn.LazyLinear`, ...) have no shape until their first forward pass: a
+    seed layer wrapping one would have no signature for kernels to fit."""
+    if any(is_lazy(p) for p in module.parameters()):
+        raise ValueError(
+            f"layer {name!r} ({type(module).__name__}) has uninitialized (lazy) parameters: "
+            "run one forward pass through the model (to materialise them) before wrap()"
+        )
+
+
+def _root_error(model: nn.Module) -> ValueError:
+    return ValueError(
+        f"the root module ({type(model).__name__}) cannot host seeds: a seed layer takes its "
+        "host's place in a parent module; wrap a container holding it, e.g. "
+        "wrap(nn.Sequential(layer))"
+    )
+
+
 def _select_targets(model: nn.Module, target) -> list[tuple[str, nn.Module]]:
     named = [(n, m) for n, m in model.named_modules() if n]
     bypassed = _bypassed(model)
+    if isinstance(target, (list, tuple)) and target and all(isinstance(t, type) for t in target):
+        target = tuple(target)  # a list of types reads like a tuple of them
+    elif isinstance(target, (list, tuple)) and not all(isinstance(t, str) for t in target):
+        raise TypeError(
+            "target must be a module type, a list or tuple of module types (e.g. [nn.Linear]) "
+            f"or a list of qualified layer names (e.g. ['encoder.fc1']), got {target!r}"
+        )
     if isinstance(target, type) or (
         isinstance(target, tuple) and all(isinstance(t, type) for t in target)
     ):
         matched = [(n, m) for n, m in named if isinstance(m, target)]
+        if not matched and isinstance(model, target):
+            raise _root_error(model)
         chosen = [(n, m) for n, m in matched if n not in bypassed]
         if len(chosen) < len(matched):
             logger.info(
@@ -68,6 +102,8 @@ def _select_targets(model: nn.Module, target) -> list[tuple[str, nn.Module]]:
         index = dict(named)
         chosen = []
         for name in target:
+            if name == "" and isinstance(model, DEFAULT_TARGET):
+                raise _root_error(model)
             if name not in index:
                 candidates = [n for n, m in named if isinstance(m, DEFAULT_TARGET)]
                 raise ValueError(
@@ -84,20 +120,34 @@ def _select_targets(model: nn.Module, target) -> list[tuple[str, nn.Module]]:
             chosen.append((name, index[name]))
     if not chosen:
         raise ValueError(f"no module of the model matches target={target!r}")
+    for name, module in chosen:
+        _check_materialised(name, module)
     return chosen
 
 
 def _auto_bridges(model: nn.Module) -> list[tuple[SeedLayer, SeedLayer]]:
     """(source, consumer) pairs: Linear seed layers that follow each other in an nn.Sequential
     with only parameter-free leaf modules (activations, dropout) between them, where the
-    first one's output width is the second one's input width -- a hidden layer to widen."""
+    first one's output width is the second one's input width -- a hidden layer to widen.
+    A layer registered in more than one slot runs more than once per forward pass, so which
+    input a bridge would read is ambiguous: it takes part in no automatic bridge."""
+    slots = Counter(
+        id(child)
+        for parent in model.modules()
+        for child in parent._modules.values()
+        if child is not None
+    )
     pairs = []
     for parent in model.modules():
         if not isinstance(parent, nn.Sequential):
             continue
         prev: SeedLayer | None = None
-        for child in parent.children():
-            if isinstance(child, SeedLayer):
+        for child in parent._modules.values():  # every slot, a module registered twice too
+            if child is None:
+                continue
+            if isinstance(child, SeedLayer) and slots[id(child)] > 1:
+                prev = None
+            elif isinstance(child, SeedLayer):
                 if (
                     prev is not None
                     and isinstance(prev.host, nn.Linear)
@@ -129,23 +179,29 @@ class MorphableModel(nn.Module):
         bridges: str | Mapping[str, str] | None = "auto",
     ) -> None:
         super().__init__()
+        seeds_per_layer = check_int("seeds_per_layer", seeds_per_layer, 1, MAX_SEEDS_PER_LAYER)
+        telemetry_every = check_int("telemetry_every", telemetry_every, 0)  # 0: never
+        blend_steps = check_int("blend_steps", blend_steps, 1)
+        embargo_steps = check_int("embargo_steps", embargo_steps, 0)
+        max_failures = check_int("max_failures", max_failures, 1)
         alpha_schedule(0, 1, blend_schedule)  # fail early on an unknown schedule
         self.model = copy.deepcopy(model)
         self.loader = loader
-        self.telemetry_every = int(telemetry_every)
-        self.blend_steps = int(blend_steps)
+        self.telemetry_every = telemetry_every
+        self.blend_steps = blend_steps
         self.blend_schedule = blend_schedule
-        self.embargo_steps = int(embargo_steps)
-        self.max_failures = int(max_failures)
+        self.embargo_steps = embargo_steps
+        self.max_failures = max_failures
         self._layers: dict[str, SeedLayer] = {}
         by_id: dict[int, SeedLayer] = {}
         for name, module in _select_targets(self.model, target):
             by_id[id(module)] = SeedLayer(module, layer_name=name, num_seeds=seeds_per_layer)
             self._layers[name] = by_id[id(module)]
-        # Replace every reference, so a layer shared by two parents stays shared.
+        # Replace every reference, so a layer shared by two parents, or registered in two
+        # slots of one parent (`named_children()` would yield it once), stays shared.
         for parent in list(self.model.modules()):
-            for attr, child in list(parent.named_children()):
-                if id(child) in by_id and not isinstance(parent, SeedLayer):
+            for attr, child in list(parent._modules.items()):
+                if child is not None and id(child) in by_id and not isinstance(parent, SeedLayer):
                     setattr(parent, attr, by_id[id(child)])
         self._set_bridges(bridges)
         self.steps = 0
@@ -723,9 +779,10 @@ def optimizer_add(
     `layer.parameters()` has them among the layer's parameters already in that group, so a
     group made from `model.parameters()` keeps that order and an optimizer `state_dict`
     loads into one made afresh from the restored model (seed 0 before seed 1, whichever
-    was grafted first). When none of the layer's other parameters is in the
-    optimizer (a frozen host), `params` get a new group with the optimizer's defaults.
-    Parameters already in the optimizer are left alone.
+    was grafted first). When none of the layer's other parameters is in the optimizer (a
+    frozen host, or one another optimizer trains), `params` go at the end of the first
+    group, `optimizer.param_groups[0]`, and train with its hyperparameters: a new group
+    would break those schedulers. Parameters already in the optimizer are left alone.
     """
     present = {id(p) for group in optimizer.param_groups for p in group["params"]}
     params = [p for p in params if id(p) not in present]
@@ -742,7 +799,7 @@ def optimizer_add(
             where = before[-1] + 1 if before else at[0]
             group["params"][where:where] = params  # in place: LBFGS holds the list
             return
-    optimizer.add_param_group({"params": params})
+    optimizer.param_groups[0]["params"].extend(params)  # never a new group (see above)
 
 
 def _flat_history_stale(optimizer: torch.optim.Optimizer) -> None:
@@ -754,7 +811,9 @@ def _flat_history_stale(optimizer: torch.optim.Optimizer) -> None:
 
 
 def optimizer_remove(optimizer: torch.optim.Optimizer, params: Iterable[nn.Parameter]) -> None:
-    """Take `params` and their state out of `optimizer`; groups left empty are dropped."""
+    """Take `params` and their state out of `optimizer`. Every group stays, even one left
+    empty (torch optimizers step over an empty group): the number of groups never changes,
+    as LR schedulers made before (`LambdaLR`, `OneCycleLR`) keep one entry per group."""
     drop = {id(p) for p in params}
     if any(id(p) in drop for group in optimizer.param_groups for p in group["params"]):
         _flat_history_stale(optimizer)
@@ -763,7 +822,6 @@ def optimizer_remove(optimizer: torch.optim.Optimizer, params: Iterable[nn.Param
     for p in list(optimizer.state):
         if id(p) in drop:
             del optimizer.state[p]
-    optimizer.param_groups[:] = [g for g in optimizer.param_groups if g["params"]]
 
 
 def wrap(
@@ -776,8 +834,10 @@ def wrap(
     loader=None,
     **options,
 ) -> MorphableModel:
-    """Wrap a copy of `model`: every layer matching `target` (types, or qualified names) hosts
-    `seeds_per_layer` dormant seeds. Outputs equal the original's while all seeds are dormant.
+    """Wrap a copy of `model`: every layer matching `target` (a type, a list or tuple of
+    types, or a list of qualified names) hosts `seeds_per_layer` (1 to 16) dormant seeds.
+    Outputs equal the original's while all seeds are dormant. Lazy layers must have run one
+    forward pass first, and the root module itself cannot host seeds (wrap a container).
 
     `client` (an `EsperClient`) lets seeds load kernels from the registry; `cache` is a
     `KernelCache` (an in-memory one by default). Other options: `telemetry_every`,

@@ -332,7 +332,22 @@ class GNNPolicy(nn.Module):
             raise ValueError(
                 f"checkpoint does not match its config ({exc}); save both from the same policy"
             ) from exc
+        bad = policy.non_finite_parameters()
+        if bad:
+            raise ValueError(
+                f"checkpoint holds non-finite weights ({', '.join(bad[:5])}); the training that "
+                "made it diverged: train a new policy version"
+            )
         return policy
+
+    def non_finite_parameters(self) -> list[str]:
+        """Names of the parameters and buffers holding NaN or infinity (none for a usable
+        policy)."""
+        return [
+            name
+            for name, tensor in self.state_dict().items()
+            if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all())
+        ]
 
 
 # `tamiyo.policy` imports this module at its end, and these names are only used at call time,

@@ -24,6 +24,14 @@ backward, and seeds of the same layer link to each other; ``edge_attr`` one-hot 
 ``symlog(v) = sign(v)·log1p(|v|)``; trends are slopes (small numbers), so they are
 multiplied by 100 before the symlog. ``depth`` is the layer's position in forward order,
 0 (first) to 1 (last).
+
+Bounds: validation only asks numbers to be finite, so a document may hold values such as
+``loss_trend = 1e307`` (× 100 overflows to inf) or ``budget_used = 1e38`` (beyond float32).
+Every feature is therefore computed in float64 and then clamped to
+[-`FEATURE_LIMIT`, `FEATURE_LIMIT`] before it becomes a float32 tensor, so the network only
+ever sees finite, bounded inputs. The limit is far above anything a real run produces (a
+symlog feature reaches it at |value| ≈ 2.7e43, ``budget_used`` at 100 times the budget), so
+features of real documents are unchanged; an absurd value reads as "at the limit".
 """
 
 from __future__ import annotations
@@ -37,6 +45,7 @@ from torch_geometric.data import Data
 
 __all__ = [
     "EDGE_FEATURES",
+    "FEATURE_LIMIT",
     "FEATURE_VERSION",
     "GLOBAL_FEATURES",
     "GRAFTS",
@@ -58,6 +67,8 @@ GRAPH_SCHEMA = "esper.graph/1"
 FEATURE_VERSION = 2
 MAX_LAYERS = 512
 MAX_SEEDS = 16
+#: Every node and global feature is clamped to [-FEATURE_LIMIT, FEATURE_LIMIT] (see above).
+FEATURE_LIMIT = 100.0
 MAX_INTEGER = 2**53  # steps, widths and counts: exact as floats (features are floats)
 
 STAGES = (
@@ -313,35 +324,51 @@ def validate_graph(doc: object) -> dict:
     }
 
 
-def _symlog(value: float) -> float:
-    return math.copysign(math.log1p(abs(value)), value)
+def _symlog(value: float, scale: float = 1.0) -> float:
+    """``symlog(scale · value)`` without overflow: ``scale · value`` may exceed any float
+    (the result is clamped by `_bounded` anyway)."""
+    magnitude = abs(value) * scale
+    if not math.isfinite(magnitude):
+        magnitude = math.log(abs(value)) + math.log(scale)  # log1p(x) == log(x) for x > 1e300
+        return math.copysign(magnitude, value)
+    return math.copysign(math.log1p(magnitude), value)
+
+
+def _bounded(row: list[float]) -> list[float]:
+    """Each feature clamped to [-FEATURE_LIMIT, FEATURE_LIMIT] (NaN, which validation keeps
+    out, would become 0 rather than poison the network)."""
+    return [
+        0.0 if math.isnan(v) else max(-FEATURE_LIMIT, min(FEATURE_LIMIT, float(v))) for v in row
+    ]
 
 
 def _node_row(layer: dict, seed: dict, depth: float, bridge_in: int) -> list[float]:
     act, grad = layer["activation"], layer["grad_norm"]
-    return [
-        float(layer["type"] == "Linear"),
-        float(layer["type"] == "Conv2d"),
-        float(layer["layout"] == "features"),
-        float(layer["layout"] == "channels"),
-        math.log1p(layer["in"]),
-        math.log1p(layer["out"]),
-        math.log1p(layer["params"]),
-        depth,
-        0.0 if act is None else _symlog(act["mean"]),
-        0.0 if act is None else math.log1p(act["std"]),
-        0.0 if act is None else act["dead_fraction"],
-        float(act is None),
-        0.0 if grad is None else math.log1p(grad),
-        float(grad is None),
-        float(bridge_in > 0),
-        math.log1p(bridge_in),
-        *(float(seed["stage"] == name) for name in STAGES),
-        seed["alpha"],
-        math.log1p(seed["steps_in_stage"]),
-        math.log1p(seed["errors"]),
-        math.log1p(seed["params"]),
-    ]
+    return _bounded(
+        [
+            float(layer["type"] == "Linear"),
+            float(layer["type"] == "Conv2d"),
+            float(layer["layout"] == "features"),
+            float(layer["layout"] == "channels"),
+            math.log1p(layer["in"]),
+            math.log1p(layer["out"]),
+            math.log1p(layer["params"]),
+            depth,
+            0.0 if act is None else _symlog(act["mean"]),
+            0.0 if act is None else math.log1p(act["std"]),
+            0.0 if act is None else act["dead_fraction"],
+            float(act is None),
+            0.0 if grad is None else math.log1p(grad),
+            float(grad is None),
+            float(bridge_in > 0),
+            math.log1p(bridge_in),
+            *(float(seed["stage"] == name) for name in STAGES),
+            seed["alpha"],
+            math.log1p(seed["steps_in_stage"]),
+            math.log1p(seed["errors"]),
+            math.log1p(seed["params"]),
+        ]
+    )
 
 
 def _global_row(doc: dict) -> list[float]:
@@ -349,18 +376,20 @@ def _global_row(doc: dict) -> list[float]:
 
     def pair(name: str, scale: float = 1.0) -> list[float]:
         value = g[name]
-        return [0.0, 1.0] if value is None else [_symlog(scale * value), 0.0]
+        return [0.0, 1.0] if value is None else [_symlog(value, scale), 0.0]
 
-    return [
-        g["progress"],
-        g["budget_used"],
-        *pair("loss"),
-        *pair("loss_trend", 100.0),
-        *pair("val_metric"),
-        *pair("val_trend", 100.0),
-        math.log1p(doc["step"]),
-        math.log1p(len(doc["layers"])),
-    ]
+    return _bounded(
+        [
+            g["progress"],
+            g["budget_used"],
+            *pair("loss"),
+            *pair("loss_trend", 100.0),
+            *pair("val_metric"),
+            *pair("val_trend", 100.0),
+            math.log1p(doc["step"]),
+            math.log1p(len(doc["layers"])),
+        ]
+    )
 
 
 def to_data(doc: dict) -> Data:

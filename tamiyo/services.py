@@ -53,18 +53,26 @@ def run_create(*, name: str, model_summary: dict, config: dict, owner=None) -> T
 def run_update(
     *, run: TrainingRun, status: str | None = None, metrics: dict | None = None
 ) -> TrainingRun:
-    if status is not None and status != run.status:
-        if run.status != TrainingRun.Status.RUNNING:
-            raise ApplicationError(
-                f"run {run.id} is {run.status}; a finished run cannot change status",
-                code="run_finished",
-                status=409,
-            )
-        run.status = status
-    if metrics is not None:
-        run.metrics = {**run.metrics, **metrics}
-    run.save(update_fields=["status", "metrics", "updated_at"])
-    return run
+    """Change a run's status and merge ``metrics`` into its metrics, atomically: the row is
+    locked and re-read, so concurrent updates merge instead of overwriting each other, and
+    the rule that a finished run keeps its status is checked on the fresh row (the ``run``
+    passed in may be stale)."""
+    with transaction.atomic():
+        fresh = TrainingRun.objects.select_for_update().filter(pk=run.pk).first()
+        if fresh is None:
+            raise ApplicationError(f"no run {run.pk}", code="not_found", status=404)
+        if status is not None and status != fresh.status:
+            if fresh.status != TrainingRun.Status.RUNNING:
+                raise ApplicationError(
+                    f"run {fresh.id} is {fresh.status}; a finished run cannot change status",
+                    code="run_finished",
+                    status=409,
+                )
+            fresh.status = status
+        if metrics is not None:
+            fresh.metrics = {**(fresh.metrics or {}), **metrics}
+        fresh.save(update_fields=["status", "metrics", "updated_at"])
+    return fresh
 
 
 # -- the catalogue as the policy sees it ------------------------------------------------
@@ -239,13 +247,27 @@ def decision_distribution(
         policy, version, used = policy_active()
     else:
         policy, used = create_policy(policy_name), policy_name
+    data = to_data(doc)
+    fits_mask = torch.tensor(fits, dtype=torch.bool).reshape(len(fits), len(blueprints))
     with torch.no_grad():
-        distribution = policy.distribution(
-            to_data(doc),
-            descriptors,
-            fits=torch.tensor(fits, dtype=torch.bool).reshape(len(fits), len(blueprints)),
-        )
+        distribution = policy.distribution(data, descriptors, fits=fits_mask)
+        if used == "gnn" and not _usable(distribution):
+            # Features are bounded (tamiyo.graph) and versions with non-finite weights are
+            # refused, so this is a last resort: never sample from a NaN distribution.
+            logger.error(
+                "active policy produced a non-finite action distribution; deciding with the "
+                "heuristic",
+                extra={"policy_version": version.version if version else None},
+            )
+            policy, version, used = HeuristicPolicy(), None, "heuristic"
+            distribution = policy.distribution(data, descriptors, fits=fits_mask)
     return Choice(doc, descriptors, blueprints, fits, distribution, used, version)
+
+
+def _usable(distribution: ActionDistribution) -> bool:
+    """Its probabilities are a distribution: no NaN, no +inf, some legal action."""
+    logp = distribution.log_probs()
+    return bool(not torch.isnan(logp).any() and (logp < math.inf).all() and logp.isfinite().any())
 
 
 def decision_make(
@@ -310,28 +332,51 @@ def decision_make(
         ) from exc
 
 
+def _same_json(a: object, b: object) -> bool:
+    """JSON equality without Python's loose kinds: ``false`` is not ``0`` (``True == 1`` in
+    Python). Numbers compare by value (``1`` and ``1.0`` are the same JSON number)."""
+    if isinstance(a, bool) or isinstance(b, bool):
+        return isinstance(a, bool) and isinstance(b, bool) and a is b
+    if isinstance(a, int | float) and isinstance(b, int | float):
+        return a == b
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(_same_json(a[k], b[k]) for k in a)
+    if isinstance(a, list | tuple) and isinstance(b, list | tuple):
+        return len(a) == len(b) and all(_same_json(x, y) for x, y in zip(a, b, strict=True))
+    return type(a) is type(b) and a == b
+
+
+def _outcome_taken(experience: Experience) -> ApplicationError:
+    return ApplicationError(
+        f"experience {experience.id} already has an outcome; outcomes are reported once",
+        code="outcome_exists",
+        status=409,
+    )
+
+
 def experience_record_outcome(*, experience: Experience, outcome: object) -> Experience:
-    """Store the runtime's measured outcome and the reward computed from it (once)."""
-    if experience.outcome is not None:
-        if experience.outcome == outcome:
-            return experience  # a retried report
-        raise ApplicationError(
-            f"experience {experience.id} already has an outcome; outcomes are reported once",
-            code="outcome_exists",
-            status=409,
-        )
+    """Store the runtime's measured outcome and the reward computed from it (once).
+
+    Every report goes through the same validation (a 400 naming the field), also a repeat.
+    A repeat of the stored outcome (strict JSON equality: ``false`` is not ``0``) is
+    answered with the experience; any other outcome with 409 ``outcome_exists`` -- also
+    when another report lands between this one's read and its write."""
     budget = experience.run.config.get("param_budget")
     try:
         reward = compute_reward(outcome, action=experience.action["action"], param_budget=budget)
     except ValueError as exc:
         raise ApplicationError(f"outcome: {exc}", detail={"outcome": [str(exc)]}) from exc
-    updated = Experience.objects.filter(pk=experience.pk, outcome__isnull=True).update(
-        outcome=outcome, reward=reward
-    )
-    experience.refresh_from_db()
-    if updated:
-        _maybe_schedule_training()
-    return experience
+    if experience.outcome is None:
+        updated = Experience.objects.filter(pk=experience.pk, outcome__isnull=True).update(
+            outcome=outcome, reward=reward
+        )
+        experience.refresh_from_db()
+        if updated:
+            _maybe_schedule_training()
+            return experience
+    if not _same_json(experience.outcome, outcome):
+        raise _outcome_taken(experience)
+    return experience  # a retried report (or the same outcome sent twice at once)
 
 
 def _maybe_schedule_training() -> None:
@@ -417,6 +462,14 @@ def _json_safe(value):
 def policy_version_create(
     *, policy: GNNPolicy, metrics: dict, experience_count: int, activate: bool
 ) -> PolicyVersion:
+    bad = policy.non_finite_parameters()
+    if bad:
+        raise ApplicationError(
+            f"the policy holds non-finite weights ({', '.join(bad[:5])}); it is not kept as a "
+            "version",
+            code="policy_unusable",
+            status=409,
+        )
     metrics = _json_safe(metrics)
     data = policy.save_safetensors()
     digest = hashlib.sha256(data).hexdigest()
@@ -468,6 +521,24 @@ __all__ = [
 ]
 
 
+class TrainingDiverged(ApplicationError):
+    """A training job produced non-finite losses or weights; no version was kept."""
+
+
+def _check_trained(result) -> None:
+    """Refuse (`TrainingDiverged`, which fails the job) a candidate whose training loss or
+    weights are not finite: such a version would answer every decision with NaN."""
+    loss = result.metrics.get("train_loss")
+    bad = result.policy.non_finite_parameters()
+    if bad or (loss is not None and not math.isfinite(loss)):
+        message = (
+            f"policy training diverged (train_loss {loss}, non-finite weights: "
+            f"{', '.join(bad[:5]) or 'none'}); no version was kept"
+        )
+        logger.error(message, extra={"train_loss": loss, "non_finite": bad[:5]})
+        raise TrainingDiverged(message, code="training_diverged", status=409)
+
+
 def policy_train(
     *,
     seed: int = 0,
@@ -495,6 +566,7 @@ def policy_train(
     current, current_version, current_name = policy_active()
     start = current if isinstance(current, GNNPolicy) else None
     result = train_policy(start, experiences, seed=seed, epochs=epochs or DEFAULT_EPOCHS)
+    _check_trained(result)
     heldout = [experiences[i] for i in result.heldout_indices]
     candidate_score = evaluate_policy(result.policy, heldout)
     current_score = evaluate_policy(current, heldout)

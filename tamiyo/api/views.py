@@ -82,7 +82,9 @@ class RunListCreateApi(GenericAPIView):
 
     @extend_schema(responses={200: RunOutputSerializer(many=True), **ERROR_RESPONSES})
     def get(self, request):
-        page = self.paginate_queryset(selectors.run_list(filters=request.query_params))
+        page = self.paginate_queryset(
+            selectors.run_list(user=request.user, filters=request.query_params)
+        )
         return self.get_paginated_response(RunOutputSerializer(page, many=True).data)
 
     @extend_schema(request=InputSerializer, responses={201: RunOutputSerializer, **ERROR_RESPONSES})
@@ -106,14 +108,16 @@ class RunDetailApi(GenericAPIView):
 
     @extend_schema(responses={200: RunOutputSerializer, **ERROR_RESPONSES})
     def get(self, request, run_id):
-        return Response(RunOutputSerializer(selectors.run_get(run_id=run_id)).data)
+        return Response(
+            RunOutputSerializer(selectors.run_get(run_id=run_id, user=request.user)).data
+        )
 
     @extend_schema(
         request=InputSerializer,
         responses={200: RunOutputSerializer, 409: OpenApiResponse(), **ERROR_RESPONSES},
     )
     def patch(self, request, run_id):
-        run = selectors.run_get(run_id=run_id)
+        run = selectors.run_get(run_id=run_id, user=request.user)
         serializer = self.InputSerializer(data=request.data)
         serializer.is_valid(raise_exception=True)
         run = services.run_update(run=run, **serializer.validated_data)
@@ -171,7 +175,7 @@ class DecisionApi(GenericAPIView):
         "recorded behaviour log-probability is 0).",
     )
     def post(self, request, run_id):
-        run = selectors.run_get(run_id=run_id)
+        run = selectors.run_get(run_id=run_id, user=request.user)
         serializer = self.InputSerializer(data=request.data)
         serializer.is_valid(raise_exception=True)
         data = serializer.validated_data
@@ -212,7 +216,7 @@ class ExperienceDetailApi(GenericAPIView):
 
     @extend_schema(responses={200: ExperienceOutputSerializer, **ERROR_RESPONSES})
     def get(self, request, experience_id):
-        experience = selectors.experience_get(experience_id=experience_id)
+        experience = selectors.experience_get(experience_id=experience_id, user=request.user)
         return Response(ExperienceOutputSerializer(experience).data)
 
     @extend_schema(
@@ -220,7 +224,7 @@ class ExperienceDetailApi(GenericAPIView):
         responses={200: ExperienceOutputSerializer, 409: OpenApiResponse(), **ERROR_RESPONSES},
     )
     def patch(self, request, experience_id):
-        experience = selectors.experience_get(experience_id=experience_id)
+        experience = selectors.experience_get(experience_id=experience_id, user=request.user)
         serializer = self.InputSerializer(data=request.data)
         serializer.is_valid(raise_exception=True)
         experience = services.experience_record_outcome(

@@ -49,3 +49,13 @@ def make_loop(client):
     yield make
     for loop in loops:
         loop.controller.close(timeout=5)
+
+
+@pytest.fixture
+def offline():
+    """Kernels exported locally and served by an offline loader (no server): see _kernels.py."""
+    from tests.kasmina._kernels import OfflineKernels
+
+    kernels = OfflineKernels()
+    yield kernels
+    kernels.close()

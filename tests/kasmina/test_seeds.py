@@ -204,21 +204,20 @@ def test_lbfgs_trains_seeds_that_come_and_go(registry, compiled):
     assert _group_ids(optimizer) == [{id(p) for p in model.parameters()}]
 
 
-def test_a_frozen_hosts_seed_gets_a_group_of_its_own():
+def test_a_frozen_hosts_seed_joins_the_first_group():
     from kasmina._model import optimizer_add
 
     frozen, trained = nn.Linear(4, 4), nn.Linear(4, 2)
     optimizer = torch.optim.SGD(trained.parameters(), lr=0.1, momentum=0.9)
     seed = nn.Linear(4, 4)
     optimizer_add(optimizer, seed.parameters(), frozen)
+    # No new group (LR schedulers keep one entry per group): the first group takes them.
     assert _group_ids(optimizer) == [
-        {id(p) for p in trained.parameters()},
-        {id(p) for p in seed.parameters()},
+        {id(p) for p in trained.parameters()} | {id(p) for p in seed.parameters()}
     ]
-    assert optimizer.param_groups[1]["lr"] == 0.1 and optimizer.param_groups[1]["momentum"] == 0.9
     optimizer_add(optimizer, seed.parameters(), frozen)  # already in: nothing changes
     optimizer_add(optimizer, seed.parameters(), trained)
-    assert [len(g) for g in _group_ids(optimizer)] == [2, 2]
+    assert [len(g) for g in _group_ids(optimizer)] == [4]
 
 
 def test_parallel_graft_adds_alpha_times_seed_of_the_input(registry, compiled):

@@ -207,3 +207,93 @@ def test_bridges_can_be_named_or_switched_off_and_bad_ones_are_value_errors():
     for model, bridges in ((mlp, {"2": "2"}), (_cnn(), {"5": "0"})):  # itself; a Conv2d
         with pytest.raises(ValueError, match="a bridge joins two different nn.Linear layers"):
             wrap(model, bridges=bridges)
+
+
+def test_a_module_registered_twice_in_one_parent_gets_its_seed_layer_in_both_slots():
+    fc = nn.Linear(16, 16)
+    plain = nn.Sequential(
+        nn.Linear(8, 16), nn.ReLU(), fc, nn.ReLU(), fc, nn.ReLU(), nn.Linear(16, 3)
+    )
+    wrapped = wrap(plain)
+    seq = wrapped.model
+    assert isinstance(seq[2], SeedLayer) and seq[2] is seq[4]
+    assert list(wrapped.seed_layers) == ["0", "2", "6"]
+    # A layer that runs twice per forward pass takes part in no automatic bridge.
+    assert all(layer.bridge_source is None for layer in wrapped.seed_layers.values())
+    x = torch.randn(5, 8)
+    assert torch.equal(wrapped(x), plain(x))
+
+    class TwoNames(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Linear(4, 4)
+            self.b = self.a
+
+        def forward(self, x):
+            return self.b(torch.relu(self.a(x)))
+
+    two = wrap(TwoNames())
+    assert isinstance(two.model.a, SeedLayer) and two.model.a is two.model.b
+
+
+def test_a_lazy_layer_must_be_materialised_before_wrap():
+    lazy = nn.Sequential(nn.LazyLinear(8), nn.ReLU(), nn.Linear(8, 2))
+    with pytest.raises(ValueError, match=r"layer '0' \(LazyLinear\).*run one forward pass"):
+        wrap(lazy)
+    with pytest.raises(ValueError, match="run one forward pass"):
+        wrap(nn.Sequential(nn.LazyConv2d(4, 3)))
+    lazy(torch.randn(3, 5))  # materialised: it wraps, with its real width
+    assert wrap(lazy).layer("0").signature == {"layout": "features", "in": 5, "out": 8}
+
+
+@pytest.mark.parametrize(
+    "options, error, message",
+    [
+        ({"seeds_per_layer": 0}, ValueError, "seeds_per_layer must be an int between 1 and 16"),
+        ({"seeds_per_layer": 17}, ValueError, "seeds_per_layer must be an int between 1 and 16"),
+        ({"seeds_per_layer": True}, TypeError, "seeds_per_layer must be an int between 1 and 16"),
+        ({"seeds_per_layer": 2.0}, TypeError, "seeds_per_layer must be an int .*float"),
+        ({"seeds_per_layer": "2"}, TypeError, "seeds_per_layer must be an int .*str"),
+        ({"telemetry_every": -1}, ValueError, "telemetry_every must be an int >= 0"),
+        ({"telemetry_every": 0.5}, TypeError, "telemetry_every must be an int >= 0"),
+        ({"blend_steps": 0}, ValueError, "blend_steps must be an int >= 1"),
+        ({"blend_steps": 10.0}, TypeError, "blend_steps must be an int >= 1"),
+        ({"embargo_steps": -1}, ValueError, "embargo_steps must be an int >= 0"),
+        ({"embargo_steps": None}, TypeError, "embargo_steps must be an int >= 0"),
+        ({"max_failures": 0}, ValueError, "max_failures must be an int >= 1"),
+        ({"max_failures": False}, TypeError, "max_failures must be an int >= 1"),
+    ],
+)
+def test_bad_wrap_options_say_what_to_pass(options, error, message):
+    with pytest.raises(error, match=message):
+        wrap(nn.Sequential(nn.Linear(4, 4)), **options)
+
+
+def test_wrap_option_bounds_are_accepted():
+    model = wrap(
+        nn.Sequential(nn.Linear(4, 4)),
+        seeds_per_layer=16,
+        telemetry_every=0,
+        blend_steps=1,
+        embargo_steps=0,
+        max_failures=1,
+    )
+    assert model.layer("0").num_seeds == 16 and model.blend_steps == 1
+
+
+def test_target_as_a_list_of_types_is_like_a_tuple_of_them():
+    model = _cnn()
+    assert list(wrap(model, target=[nn.Conv2d]).seed_layers) == ["0", "2"]
+    assert list(wrap(model, target=[nn.Conv2d, nn.Linear]).seed_layers) == ["0", "2", "5"]
+    with pytest.raises(TypeError, match=r"list or tuple of module types \(e.g. \[nn.Linear\]\)"):
+        wrap(model, target=[nn.Conv2d, "5"])
+
+
+def test_the_root_module_cannot_host_seeds_and_the_error_says_to_wrap_a_container():
+    for target in ((nn.Linear, nn.Conv2d), nn.Linear, [nn.Linear], [""]):
+        with pytest.raises(
+            ValueError, match=r"root module \(Linear\) cannot host seeds.*Sequential"
+        ):
+            wrap(nn.Linear(3, 3), target=target)
+    wrapped = wrap(nn.Sequential(nn.Linear(3, 3)))
+    assert list(wrapped.seed_layers) == ["0"]
