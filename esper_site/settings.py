@@ -242,7 +242,7 @@ CELERY_TIMEZONE = "UTC"
 # --- Esper -----------------------------------------------------------------------------
 ESPER_COMPILER_VERSION = COMPILER_VERSION
 # urza may not import tezzeret; the IR and signature checks are plugged in by dotted path.
-URZA_IR_VALIDATOR = "tezzeret.ir.validate_ir"
+URZA_IR_VALIDATOR = "tezzeret.ir.validate_submission"
 URZA_SIGNATURE_VALIDATOR = "tezzeret.services.signature_validate"
 URZA_PARAM_COUNTER = "tezzeret.services.param_count"
 URZA_COMPILE_TASK = "tezzeret.compile_kernel"

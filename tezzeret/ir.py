@@ -54,6 +54,7 @@ __all__ = [
     "parse_signature",
     "resolve",
     "validate_ir",
+    "validate_submission",
 ]
 
 SCHEMA_ID = "esper.blueprint/1"
@@ -357,6 +358,44 @@ def validate_ir(data: object) -> dict:
         "params": params,
         "layers": layers,
     }
+
+
+def validate_submission(data: object) -> dict:
+    """`validate_ir` plus the check that the blueprint fits some host (the registry's IR
+    validator, run when a blueprint is registered; `validate_ir` alone stays cheap for the
+    per-request fit checks)."""
+    ir = validate_ir(data)
+    _check_fits_some_host(ir)
+    return ir
+
+
+# Host widths `_check_fits_some_host` tries, the common ones first; every (IN, OUT) pair of
+# them is a probe, so an IR that needs IN != OUT (or a width divisible by 8) is found too.
+_HOST_WIDTHS = (64, 10, 128, 32, 256, 16, 512, 8, 1024, 3, 4, 2, 1, 4096, MAX_DIM)
+
+
+def _check_fits_some_host(ir: dict) -> None:
+    """Refuse an IR that fits no host at all (a division by zero, a layer width of 0 or
+    above MAX_DIM, a seed without parameters, ...): every kernel request for it would be
+    refused. Tries `fit` for the signatures of `_HOST_WIDTHS` and stops at the first that
+    fits, which for a usable IR is nearly always the first; at most 225 cheap `fit` calls."""
+    first: IRError | None = None
+    for in_ in _HOST_WIDTHS:
+        for out in _HOST_WIDTHS:
+            if ir["graft"] == "residual" and in_ != out:
+                continue  # a residual seed reads and writes D = OUT; IN plays no part
+            try:
+                fit(ir, Signature(ir["graft"], ir["layout"], in_, out, "float32"))
+                return
+            except IRError as exc:
+                first = first or exc
+    if first is None:
+        return
+    raise IRError(
+        first.field,
+        f"the blueprint fits no host (tried IN and OUT from 1 to {MAX_DIM:,}); at "
+        f"IN=OUT={_HOST_WIDTHS[0]}: {first.message}",
+    )
 
 
 # --- signatures ------------------------------------------------------------------------

@@ -150,3 +150,43 @@ def test_an_offset_past_what_the_database_addresses_is_a_400(api_client):
     assert response.status_code == 400
     assert "offset" in _error(response)["detail"]
     assert api_client.get(URL, {"limit": 10**9}).status_code == 200
+
+
+@pytest.mark.parametrize(
+    ("change", "field", "says"),
+    [
+        ({"params": {"r": "D / 0"}, "out": "r"}, "params.r", "division by zero"),
+        ({"out": 0}, "layers[0].out", "must be positive"),
+        ({"out": 100_000}, "layers[0].out", "exceeds MAX_DIM"),
+    ],
+)
+def test_an_ir_that_fits_no_host_is_refused_at_registration(api_client, ir, change, field, says):
+    bad = {**ir, "params": change.get("params", ir.get("params", {}))}
+    bad["layers"] = [{**ir["layers"][0], "out": change["out"]}, *ir["layers"][1:]]
+    response = api_client.post(URL, {"name": "never-fits", "version": 1, "ir": bad}, format="json")
+    assert response.status_code == 400, response.content
+    error = _error(response)
+    assert field in error["message"] and says in error["message"]
+    assert "fits no host" in error["message"]
+    assert not Blueprint.objects.filter(name="never-fits").exists()
+
+
+def test_a_seed_without_parameters_is_refused_at_registration(api_client, ir):
+    bad = {**ir, "graft": "parallel", "layers": [{"op": "relu"}]}
+    response = api_client.post(URL, {"name": "no-params", "version": 1, "ir": bad}, format="json")
+    assert response.status_code == 400, response.content
+    assert "no trainable parameters" in _error(response)["message"]
+
+
+def test_an_ir_that_fits_only_some_hosts_is_accepted(api_client, ir):
+    # IN - OUT is positive only for a host that narrows: it fits (64 -> 10), not (64 -> 64)
+    narrowing = {
+        **ir,
+        "graft": "parallel",
+        "params": {"r": "IN - OUT"},
+        "layers": [{"op": "linear", "out": "r"}, {"op": "linear", "out": "OUT", "init": "zeros"}],
+    }
+    response = api_client.post(
+        URL, {"name": "narrowing", "version": 1, "ir": narrowing}, format="json"
+    )
+    assert response.status_code == 201, response.content
