@@ -91,15 +91,23 @@ def catalogue_descriptors() -> tuple[list[dict], list[Blueprint]]:
 def _site_params(
     ir_sha256: str, graft: str, layout: str, n_in: int, n_out: int, dtype: str
 ) -> int | None:
-    """Parameters of that blueprint's kernel for the site, or None if it does not fit."""
-    blueprint = Blueprint.objects.filter(ir_sha256=ir_sha256).only("ir").first()
-    if blueprint is None:
-        return None
+    """Parameters of that blueprint's kernel for the site, or None if it does not fit. The IR
+    comes from `_irs` (filled by `feasibility` from the blueprints it was given; an IR is
+    fixed by its sha256), so no query runs per (site, blueprint) pair."""
+    ir = _irs.get(ir_sha256)
+    if ir is None:
+        blueprint = Blueprint.objects.filter(ir_sha256=ir_sha256).only("ir").first()
+        if blueprint is None:
+            return None
+        ir = blueprint.ir
     signature = {"graft": graft, "layout": layout, "in": n_in, "out": n_out, "dtype": dtype}
     try:
-        return urza_services.kernel_param_count(ir=blueprint.ir, signature=signature)
+        return urza_services.kernel_param_count(ir=ir, signature=signature)
     except ApplicationError:
         return None
+
+
+_irs: dict[str, dict] = {}  # ir_sha256 -> IR of the blueprints feasibility saw last
 
 
 def budget_left(*, doc: dict, run: TrainingRun) -> float:
@@ -134,6 +142,9 @@ def feasibility(
     rows: list[list[bool]] = []
     sizes: list[list[int]] = [[] for _ in blueprints]
     inputs = _inputs(doc)
+    if len(_irs) > 4 * len(blueprints) + 64:
+        _irs.clear()  # blueprints retired since; the registry's active ones come back below
+    _irs.update({b.ir_sha256: b.ir for b in blueprints})
     for layer in doc["layers"]:
         row = []
         for k, b in enumerate(blueprints):

@@ -17,6 +17,8 @@ import hashlib
 import json
 import keyword
 import re
+import threading
+from collections import OrderedDict
 from collections.abc import Iterator
 from dataclasses import dataclass
 from fractions import Fraction
@@ -460,8 +462,34 @@ def parse_signature(data: object) -> Signature:
 # --- resolution ------------------------------------------------------------------------
 
 
+_VALIDATED_MAX = 256  # blueprints whose validated IR `_validated` keeps
+_validated_irs: OrderedDict[str, dict] = OrderedDict()
+_validated_lock = threading.Lock()
+
+
+def _validated(ir: dict) -> dict:
+    """`validate_ir(ir)`, remembered by the IR's canonical JSON for the last
+    `_VALIDATED_MAX` IRs: a decision checks every (seed site, blueprint) pair, and the
+    validation, not the fit, is most of the cost. The result is only read (`fit` copies
+    what it resolves); an invalid IR is not remembered, so it raises every time."""
+    key = canonical_json(ir) if isinstance(ir, dict) else None
+    if key is not None:
+        with _validated_lock:
+            hit = _validated_irs.get(key)
+            if hit is not None:
+                _validated_irs.move_to_end(key)
+                return hit
+    result = validate_ir(ir)
+    if key is not None:
+        with _validated_lock:
+            _validated_irs[key] = result
+            while len(_validated_irs) > _VALIDATED_MAX:
+                _validated_irs.popitem(last=False)
+    return result
+
+
 def _fit(ir: dict, sig: Signature | dict) -> tuple[dict, int]:
-    return fit(validate_ir(ir), parse_signature(sig))
+    return fit(_validated(ir), parse_signature(sig))
 
 
 def resolve(ir: dict, sig: Signature) -> dict:

@@ -21,9 +21,7 @@ def signature_validate(*, ir: dict, signature: object) -> dict:
 
 def param_count(*, ir: dict, signature: object) -> int:
     """Trainable parameters of the kernel `ir` compiles to for `signature` (arithmetic)."""
-    sig = ir_mod.parse_signature(signature)
-    ir_mod.check_signature(ir, sig)
-    return ir_mod.param_count(ir, sig)
+    return ir_mod.param_count(ir, ir_mod.parse_signature(signature))  # IRError if it does not fit
 
 
 def kernel_compile(*, kernel_id: str) -> Kernel | None:

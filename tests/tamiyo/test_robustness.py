@@ -325,3 +325,32 @@ def test_users_see_and_act_only_on_their_own_runs_and_staff_see_all(
     assert staff.get(exp_url).status_code == 200
     assert api_client.get(f"/api/v1/runs/{theirs['id']}/").status_code == 404
     assert api_client.patch(exp_url, {"outcome": outcome}, format="json").status_code == 200
+
+
+# -- decision cost: feasibility queries nothing per (seed site, blueprint) pair -------------
+def test_feasibility_takes_each_ir_from_the_blueprints_given(catalogue, django_assert_num_queries):
+    from urza.models import Blueprint
+
+    blueprints = list(Blueprint.objects.filter(status="active"))
+    layers = [
+        {
+            "name": f"l{i}",
+            "type": "Linear",
+            "layout": "features",
+            "in": 100 + i,
+            "out": 101 + i,
+            "bridge_from": f"l{i - 1}" if i else None,
+            "seeds": [{}],
+        }
+        for i in range(20)
+    ]
+    services._site_params.cache_clear()
+    with django_assert_num_queries(0):
+        fits, estimates = services.feasibility(
+            doc={"layers": layers}, blueprints=blueprints, dtype="float32"
+        )
+    assert len(fits) == 20 and all(any(row) for row in fits)
+    bridges = [k for k, b in enumerate(blueprints) if b.ir["graft"] == "bridge"]
+    assert bridges and not any(fits[0][k] for k in bridges)  # l0 has no bridge source
+    assert all(fits[1][k] for k in bridges)
+    assert all(e is None or e > 0 for e in estimates)

@@ -422,3 +422,16 @@ def test_a_bridge_reads_in_and_writes_out_and_must_be_a_features_graft():
 
 def _bridge_sig() -> dict:
     return {"graft": "bridge", "layout": "features", "in": 64, "out": 10, "dtype": "float32"}
+
+
+def test_a_validated_ir_is_remembered_and_an_invalid_one_raises_every_time():
+    from tezzeret import ir as ir_mod
+
+    entry = CATALOGUE[0]["ir"]
+    first = ir_mod._validated(copy.deepcopy(entry))
+    assert ir_mod._validated(copy.deepcopy(entry)) is first
+    assert first == ir_mod.validate_ir(entry)
+    bad = {**entry, "layers": [{"op": "nope"}]}
+    for _ in range(2):
+        with pytest.raises(IRError, match="layers"):
+            ir_mod._validated(bad)
