@@ -317,17 +317,6 @@ def test_runs_and_experiences_are_browsable_in_the_admin(
     assert admin_client.get("/admin/tamiyo/policyversion/").status_code == 200
 
 
-@pytest.fixture
-def staff_client(user, token):
-    from rest_framework.test import APIClient
-
-    user.is_staff = True
-    user.save()
-    client = APIClient()
-    client.credentials(HTTP_AUTHORIZATION=f"Token {token.key}")
-    return client
-
-
 def _version(activate: bool):
     from tamiyo import services
     from tamiyo.policy import GNNPolicy

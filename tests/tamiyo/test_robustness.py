@@ -33,17 +33,6 @@ def health():
     return health_snapshot()
 
 
-@pytest.fixture
-def staff_client(user, token):
-    from rest_framework.test import APIClient
-
-    user.is_staff = True
-    user.save()
-    client = APIClient()
-    client.credentials(HTTP_AUTHORIZATION=f"Token {token.key}")
-    return client
-
-
 def _extreme_layers(doc: dict) -> dict:
     doc = copy.deepcopy(doc)
     for layer in doc["layers"]:
