@@ -15,13 +15,7 @@ import torch
 from torch import nn
 from torch.nn.parameter import is_lazy
 
-from kasmina._layer import (
-    MAX_SEEDS_PER_LAYER,
-    SeedLayer,
-    check_int,
-    host_signature,
-    kernel_id_from_tensor,
-)
+from kasmina._layer import SeedLayer, check_int, host_signature, kernel_id_from_tensor
 from kasmina.errors import KasminaError
 from kasmina.lifecycle import GRAFTED_STAGES, Stage, alpha_schedule
 
@@ -179,7 +173,6 @@ class MorphableModel(nn.Module):
         bridges: str | Mapping[str, str] | None = "auto",
     ) -> None:
         super().__init__()
-        seeds_per_layer = check_int("seeds_per_layer", seeds_per_layer, 1, MAX_SEEDS_PER_LAYER)
         telemetry_every = check_int("telemetry_every", telemetry_every, 0)  # 0: never
         blend_steps = check_int("blend_steps", blend_steps, 1)
         embargo_steps = check_int("embargo_steps", embargo_steps, 0)

@@ -325,13 +325,9 @@ def validate_graph(doc: object) -> dict:
 
 
 def _symlog(value: float, scale: float = 1.0) -> float:
-    """``symlog(scale · value)`` without overflow: ``scale · value`` may exceed any float
-    (the result is clamped by `_bounded` anyway)."""
-    magnitude = abs(value) * scale
-    if not math.isfinite(magnitude):
-        magnitude = math.log(abs(value)) + math.log(scale)  # log1p(x) == log(x) for x > 1e300
-        return math.copysign(magnitude, value)
-    return math.copysign(math.log1p(magnitude), value)
+    """``symlog(scale · value)``; a product past the float range gives ±inf, which `_bounded`
+    clamps to the limit."""
+    return math.copysign(math.log1p(abs(value) * scale), value)
 
 
 def _bounded(row: list[float]) -> list[float]:
