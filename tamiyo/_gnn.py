@@ -1,7 +1,7 @@
 """`GNNPolicy`: Tamiyo's learned policy, a message-passing network over seed sites.
 
-It shares the action space, masks and `ActionDistribution` of `tamiyo.policy`, which
-re-exports everything public here; import it from there.
+It shares the action space, masks and `ActionDistribution` of `tamiyo._actions` with the
+other policies; `tamiyo.policy` re-exports everything public here, so import it from there.
 """
 
 from __future__ import annotations
@@ -19,6 +19,15 @@ from torch import Tensor, nn
 from torch_geometric.data import Batch, Data
 from torch_geometric.nn import GATv2Conv, SAGEConv, global_max_pool, global_mean_pool
 
+from tamiyo._actions import (
+    ActionDistribution,
+    Decides,
+    action_index,
+    action_mask,
+    check_fits,
+    site_lists,
+    validate_blueprints,
+)
 from tamiyo.graph import EDGE_FEATURES, FEATURE_VERSION, GLOBAL_FEATURES, NODE_FEATURES
 
 __all__ = ["BLUEPRINT_FEATURES", "GNNPolicy", "NAME_BUCKETS", "name_bucket"]
@@ -81,7 +90,7 @@ class _Scored:
     segment: Tensor  # [sum P_i] graph index of each pair logit
 
 
-class GNNPolicy(nn.Module):
+class GNNPolicy(nn.Module, Decides):
     """Message passing over seed sites with graph globals mixed in; one exact softmax over
     ``[wait] + legal (node, blueprint)`` whose logits are a WAIT head on the pooled graph,
     a per-node grow head plus a node × blueprint head (blueprint embedding = descriptor
@@ -197,7 +206,7 @@ class GNNPolicy(nn.Module):
         masks = _per_graph_fits(fits, len(datas))
         for i, (data, bps, ok) in enumerate(zip(datas, catalogues, masks, strict=True)):
             if ok is not None:
-                _check_fits(ok, data.num_nodes, len(bps), f"fits[{i}]")
+                check_fits(ok, data.num_nodes, len(bps), f"fits[{i}]")
         return catalogues, masks
 
     def distributions(
@@ -221,29 +230,15 @@ class GNNPolicy(nn.Module):
             )
             flat = torch.cat([s.wait[i : i + 1], flat])
             start += len(legal)
-            out.append(ActionDistribution(flat, *_site_lists(data), k, s.value[i]))
+            out.append(ActionDistribution(flat, *site_lists(data), k, s.value[i]))
         return out
 
     def distribution(
         self, data: Data, blueprints: Sequence[dict], *, fits: Tensor | None = None
     ) -> ActionDistribution:
         if fits is not None:
-            _check_fits(fits, data.num_nodes, len(blueprints))
+            check_fits(fits, data.num_nodes, len(blueprints))
         return self.distributions([data], [blueprints], fits=[fits])[0]
-
-    @torch.no_grad()
-    def decide(
-        self,
-        data: Data,
-        blueprints: Sequence[dict],
-        *,
-        rng: torch.Generator,
-        greedy: bool = False,
-        fits: Tensor | None = None,
-    ) -> Decision:
-        """Sample (or, ``greedy``, take the most likely) legal action."""
-        dist = self.distribution(data, blueprints, fits=fits)
-        return dist.decision(rng=rng, greedy=greedy, policy=self.name)
 
     def evaluate(
         self,
@@ -281,7 +276,7 @@ class GNNPolicy(nn.Module):
         chosen, start = [], b
         for i, (data, bps, action) in enumerate(zip(datas, catalogues, actions, strict=True)):
             legal = s.pairs[i]
-            index = _action_index(action, *_site_lists(data), len(bps))
+            index = action_index(action, *site_lists(data), len(bps))
             if index == 0:
                 chosen.append(i)
             elif index is not None:
@@ -348,16 +343,3 @@ class GNNPolicy(nn.Module):
             for name, tensor in self.state_dict().items()
             if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all())
         ]
-
-
-# `tamiyo.policy` imports this module at its end, and these names are only used at call time,
-# so either module may be imported first.
-from tamiyo.policy import (  # noqa: E402
-    ActionDistribution,
-    Decision,
-    _action_index,
-    _check_fits,
-    _site_lists,
-    action_mask,
-    validate_blueprints,
-)

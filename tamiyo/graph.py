@@ -1,5 +1,8 @@
 """Graph features for Tamiyo: validate a runtime graph document and turn it into a PyG graph.
 
+Over 400 lines because the document's schema and the features read from it change together:
+a new field is validated and encoded in one change, and `FEATURE_VERSION` follows both.
+
 A graph document (schema ``esper.graph/1``) is ``MorphableModel.health()`` plus training
 globals::
 

@@ -1,5 +1,9 @@
 """Offline training of the GNN policy from stored experiences, and off-policy evaluation.
 
+Over 400 lines because training and evaluation are one estimator: both read experiences
+through `_samples` and weigh them by the same truncated importance ratio, so they change
+together.
+
 An experience is ``{"state": graph doc, "blueprints": [descriptors at decision time],
 "action": {"action", "layer", "seed", "blueprint_index"}, "behavior_logprob": float,
 "reward": float | None, "fits"?: [[bool] * K] * N | None}`` (other keys, such as an id, are

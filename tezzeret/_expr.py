@@ -1,4 +1,4 @@
-"""`IRError` and the dimension-expression language of the blueprint IR.
+"""`IRError`, the checks that raise it, and the dimension-expression language of the IR.
 
 Expressions are parsed with :mod:`ast` and walked against a whitelist of node types, then
 evaluated here with exact `Fraction` arithmetic; Python never evaluates them itself.
@@ -17,8 +17,10 @@ __all__ = [
     "SYMBOLS",
     "ExprRangeError",
     "IRError",
+    "check_keys",
     "check_range",
     "eval_expr",
+    "is_one_of",
     "parse_expr",
 ]
 
@@ -46,6 +48,17 @@ class IRError(ValueError):
 
 class ExprRangeError(IRError):
     """An expression whose value (or an intermediate one) exceeds `MAX_EXPR_VALUE`."""
+
+
+def is_one_of(value: object, allowed: frozenset[str] | tuple[str, ...]) -> bool:
+    return isinstance(value, str) and value in allowed
+
+
+def check_keys(data: dict, allowed: tuple[str, ...] | frozenset[str], path: str) -> None:
+    for key in data:
+        if key not in allowed:
+            where = f"{path}.{key}" if path else str(key)
+            raise IRError(where, f"unknown key; allowed keys: {', '.join(sorted(allowed))}")
 
 
 _EXPR_NODES = (

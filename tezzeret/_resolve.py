@@ -7,16 +7,12 @@ from __future__ import annotations
 
 import copy
 from fractions import Fraction
-from typing import TYPE_CHECKING
 
 from tezzeret._expr import SYMBOLS, ExprRangeError, IRError, check_range, eval_expr, parse_expr
+from tezzeret.signature import MAX_DIM, Signature
 
-if TYPE_CHECKING:
-    from tezzeret.ir import Signature
+__all__ = ["MAX_DIM", "MAX_PARAMS", "fit", "resolve_params", "se_hidden"]
 
-__all__ = ["MAX_DIM", "MAX_PARAMS", "fit", "se_hidden"]
-
-MAX_DIM = 65536
 MAX_PARAMS = 4_000_000
 
 
@@ -141,7 +137,7 @@ def fit(ir: dict, sig: Signature) -> tuple[dict, int]:
             "layout",
             f"blueprint layout is {ir['layout']!r} but the signature asks for {sig.layout!r}",
         )
-    d = sig.out if sig.graft == "residual" else sig.in_
+    d = sig.width
     where = f"D={d}, IN={sig.in_}, OUT={sig.out}"
     env = {"D": Fraction(d), "IN": Fraction(sig.in_), "OUT": Fraction(sig.out)}
     resolve_params(ir["params"], env, where)

@@ -30,6 +30,7 @@ from torch import nn
 from kasmina._artifact import KernelLoadError, load_kernel
 from tezzeret import _blocks
 from tezzeret.ir import IRError, Signature, param_count, parse_signature, resolve
+from tezzeret.signature import DTYPES
 from tezzeret.version import COMPILER_VERSION
 
 __all__ = [
@@ -43,12 +44,7 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-TORCH_DTYPES = {
-    "float32": torch.float32,
-    "float64": torch.float64,
-    "bfloat16": torch.bfloat16,
-    "float16": torch.float16,
-}
+TORCH_DTYPES = {name: getattr(torch, name) for name in DTYPES}
 # What torch raises for a module it cannot export, run or differentiate. Deliberately not
 # `Exception`: a worker's time limit (celery's SoftTimeLimitExceeded) must pass through.
 _TORCH_FAILURES = (
@@ -86,17 +82,15 @@ def build_module(ir: dict, sig: Signature, *, seed: int = 0) -> nn.Module:
     Raises `IRError` when the blueprint does not fit the signature.
     """
     resolved = resolve(ir, sig)
-    d = sig.out if sig.graft == "residual" else sig.in_
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        return _blocks.build(resolved["layers"], d, resolved["layout"])
+        return _blocks.build(resolved["layers"], sig.width, resolved["layout"])
 
 
 def _example(
     sig: Signature, batch: int, spatial: tuple[int, int] | None, gen: torch.Generator
 ) -> torch.Tensor:
-    d = sig.out if sig.graft == "residual" else sig.in_
-    shape = (batch, d) if spatial is None else (batch, d, *spatial)
+    shape = (batch, sig.width) if spatial is None else (batch, sig.width, *spatial)
     return torch.randn(shape, generator=gen).to(TORCH_DTYPES[sig.dtype])
 
 

@@ -1,5 +1,9 @@
 """Blueprint IR ``esper.blueprint/1``: validate declarative JSON, fit it to a signature, resolve it.
 
+Over 400 lines because it has one reason to change, the schema: the op table `_OP_FIELDS` and
+every check that walks it change together (the fitting arithmetic is `tezzeret._resolve`,
+the host a kernel is built for `tezzeret.signature`).
+
 The IR is data, never code. Dimension expressions are parsed with :mod:`ast` and walked
 against a whitelist of node types; nothing is ever evaluated by Python itself.
 
@@ -29,11 +33,14 @@ from tezzeret._expr import (
     SYMBOLS,
     ExprRangeError,
     IRError,
+    check_keys,
     check_range,
     eval_expr,
+    is_one_of,
     parse_expr,
 )
-from tezzeret._resolve import MAX_DIM, MAX_PARAMS, fit, resolve_params
+from tezzeret._resolve import MAX_PARAMS, fit, resolve_params
+from tezzeret.signature import DTYPES, GRAFTS, LAYOUTS, MAX_DIM, Signature, parse_signature
 
 __all__ = [
     "DTYPES",
@@ -60,9 +67,6 @@ __all__ = [
 ]
 
 SCHEMA_ID = "esper.blueprint/1"
-GRAFTS = frozenset({"residual", "parallel", "bridge"})
-LAYOUTS = frozenset({"features", "channels"})
-DTYPES = frozenset({"float32", "float64", "bfloat16", "float16"})
 MAX_DEPTH = 4
 MAX_LAYERS = 32
 MAX_PARAM_NAMES = 16
@@ -118,17 +122,6 @@ def ir_sha256(ir: dict) -> str:
 
 
 # --- structural validation -------------------------------------------------------------
-
-
-def _is_one_of(value: object, allowed: frozenset[str] | tuple[str, ...]) -> bool:
-    return isinstance(value, str) and value in allowed
-
-
-def _check_keys(data: dict, allowed: tuple[str, ...] | frozenset[str], path: str) -> None:
-    for key in data:
-        if key not in allowed:
-            where = f"{path}.{key}" if path else str(key)
-            raise IRError(where, f"unknown key; allowed keys: {', '.join(sorted(allowed))}")
 
 
 def _check_dim_value(value: Any, field: str, names: frozenset[str]) -> tuple[int | str, set[str]]:
@@ -210,7 +203,7 @@ def _validate_layers(
                 f"op {op!r} needs layout {need!r}, this blueprint has layout {layout!r}; use {alt!r}",
             )
         fields = _OP_FIELDS[op]
-        _check_keys(layer, ("op", *fields), lp)
+        check_keys(layer, ("op", *fields), lp)
         clean: dict[str, Any] = {"op": op}
         for name, spec in fields.items():
             fp = f"{lp}.{name}"
@@ -236,7 +229,7 @@ def _validate_field(
     if kind == "dim":
         return _check_dim_value(value, field, names)[0]
     if kind == "init":
-        if not _is_one_of(value, _INITS):
+        if not is_one_of(value, _INITS):
             raise IRError(field, f"must be one of {', '.join(_INITS)}, got {value!r}")
         return value
     if kind == "bool":
@@ -323,7 +316,7 @@ def validate_ir(data: object) -> dict:
     """
     if not isinstance(data, dict):
         raise IRError("$", f"a blueprint IR is a JSON object, got {type(data).__name__}")
-    _check_keys(data, _TOP_KEYS, "")
+    check_keys(data, _TOP_KEYS, "")
     for key in ("schema", "name", "graft", "layout", "layers"):
         if key not in data:
             raise IRError(key, "required")
@@ -335,9 +328,9 @@ def validate_ir(data: object) -> dict:
             "name",
             "must be a lowercase slug such as 'residual-mlp' (a-z, 0-9, '-', '_'; at most 64)",
         )
-    if not _is_one_of(data["graft"], GRAFTS):
+    if not is_one_of(data["graft"], GRAFTS):
         raise IRError("graft", f"must be one of {', '.join(sorted(GRAFTS))}, got {data['graft']!r}")
-    if not _is_one_of(data["layout"], LAYOUTS):
+    if not is_one_of(data["layout"], LAYOUTS):
         raise IRError(
             "layout", f"must be one of {', '.join(sorted(LAYOUTS))}, got {data['layout']!r}"
         )
@@ -398,65 +391,6 @@ def _check_fits_some_host(ir: dict) -> None:
         f"the blueprint fits no host (tried IN and OUT from 1 to {MAX_DIM:,}); at "
         f"IN=OUT={_HOST_WIDTHS[0]}: {first.message}",
     )
-
-
-# --- signatures ------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Signature:
-    """The host a kernel is compiled for; ``in_`` is spelt ``in`` in JSON."""
-
-    graft: str
-    layout: str
-    in_: int
-    out: int
-    dtype: str
-
-    def __post_init__(self) -> None:
-        if not _is_one_of(self.graft, GRAFTS):
-            raise IRError(
-                "signature.graft", f"must be one of {', '.join(sorted(GRAFTS))}, got {self.graft!r}"
-            )
-        if not _is_one_of(self.layout, LAYOUTS):
-            raise IRError(
-                "signature.layout",
-                f"must be one of {', '.join(sorted(LAYOUTS))}, got {self.layout!r}",
-            )
-        for key, value in (("in", self.in_), ("out", self.out)):
-            if type(value) is not int or not 1 <= value <= MAX_DIM:
-                raise IRError(
-                    f"signature.{key}", f"must be an integer in [1, {MAX_DIM}], got {value!r}"
-                )
-        if not _is_one_of(self.dtype, DTYPES):
-            raise IRError(
-                "signature.dtype", f"must be one of {', '.join(sorted(DTYPES))}, got {self.dtype!r}"
-            )
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "graft": self.graft,
-            "layout": self.layout,
-            "in": self.in_,
-            "out": self.out,
-            "dtype": self.dtype,
-        }
-
-
-def parse_signature(data: object) -> Signature:
-    if isinstance(data, Signature):
-        return data
-    if not isinstance(data, dict):
-        raise IRError(
-            "signature",
-            f"must be an object with keys graft, layout, in, out, dtype; got {type(data).__name__}",
-        )
-    keys = ("graft", "layout", "in", "out", "dtype")
-    _check_keys(data, keys, "signature")
-    for key in keys:
-        if key not in data:
-            raise IRError(f"signature.{key}", "required")
-    return Signature(data["graft"], data["layout"], data["in"], data["out"], data["dtype"])
 
 
 # --- resolution ------------------------------------------------------------------------

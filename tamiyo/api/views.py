@@ -11,6 +11,7 @@ from rest_framework.response import Response
 from tamiyo import selectors, services
 from tamiyo.models import Experience, PolicyVersion, TrainingRun
 from tamiyo.training import MIN_EXPERIENCES
+from tezzeret.signature import DTYPES
 from urza.api.serializers import JSONObjectField, StrictInputSerializer
 from urza.api.views import ERROR_RESPONSES
 from urza.errors import ApplicationError
@@ -131,9 +132,7 @@ class DecisionApi(GenericAPIView):
         graph = JSONObjectField()
         policy = serializers.ChoiceField(choices=services.POLICY_NAMES, required=False)
         greedy = serializers.BooleanField(default=False)
-        dtype = serializers.ChoiceField(
-            choices=["float32", "float64", "bfloat16", "float16"], default="float32"
-        )
+        dtype = serializers.ChoiceField(choices=list(DTYPES), default="float32")
         epoch = serializers.IntegerField(min_value=0, max_value=2**31 - 1, default=0)
 
         class Meta:

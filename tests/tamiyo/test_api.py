@@ -363,10 +363,10 @@ def test_activating_an_unknown_version_is_a_clear_404(staff_client, version):
 def test_a_version_whose_checkpoint_does_not_load_is_never_activated(staff_client):
     from django.core.files.base import ContentFile
 
-    from tamiyo import services
+    from tamiyo.services import policies
 
     good, bad = _version(activate=True), _version(activate=False)
-    services._policy_cache.clear()
+    policies._policy_cache.clear()
     bad.checkpoint.save("tampered.safetensors", ContentFile(b"not the trained weights"))
     response = staff_client.post(f"/api/v1/policies/{bad.version}/activate/")
     assert response.status_code == 409
@@ -411,9 +411,9 @@ def _unloadable(version: PolicyVersion, how: str) -> None:
 
     from django.core.files.base import ContentFile
 
-    from tamiyo import services
+    from tamiyo.services import policies
 
-    services._policy_cache.clear()
+    policies._policy_cache.clear()
     if how == "not safetensors":
         data = b"x" * 64
         version.checkpoint.save("junk.safetensors", ContentFile(data))

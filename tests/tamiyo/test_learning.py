@@ -15,8 +15,9 @@ import sys
 import pytest
 import torch
 
-from tamiyo import services
+from tamiyo import selectors, services
 from tamiyo.models import PolicyVersion, TrainingRun
+from tamiyo.services import decisions, policies
 from tests.support import wait_until
 from tests.tamiyo._runtime import graph_doc, health_snapshot
 from urza.models import Kernel
@@ -85,7 +86,7 @@ def test_the_trained_policy_chooses_the_paying_layer_far_more_often_than_random(
     # the policy learned from a random draw of them grew the paying layer with probability
     # 0.40 to 0.92 over 20 runs: a bar between those flakes, one below them tests little.
     seeds = itertools.count(1000)
-    monkeypatch.setattr(services, "_rng", lambda: torch.Generator().manual_seed(next(seeds)))
+    monkeypatch.setattr(decisions, "_rng", lambda: torch.Generator().manual_seed(next(seeds)))
     docs = [graph_doc(health_snapshot(seed), progress=p) for seed in range(3) for p in (0.2, 0.6)]
     run_id = api_client.post("/api/v1/runs/", {"name": "synthetic"}, format="json").json()["id"]
     random_rate = _collect(api_client, run_id, docs, 160, policy="random")
@@ -135,7 +136,7 @@ def test_a_corrupt_checkpoint_leaves_decisions_working_with_the_cold_start_polic
     version = services.policy_version_create(
         policy=GNNPolicy(), metrics={}, experience_count=0, activate=True
     )
-    services._policy_cache.clear()
+    policies._policy_cache.clear()
     version.checkpoint.save("tampered.safetensors", ContentFile(b"not the trained weights"))
     run_id = api_client.post("/api/v1/runs/", {"name": "r"}, format="json").json()["id"]
     body = api_client.post(
@@ -174,7 +175,7 @@ def test_training_credits_each_growth_decision_with_how_its_run_ended(
         assert response.status_code == 200, response.content
         runs[run_id] = name
 
-    experiences = services.training_experiences()
+    experiences = selectors.training_experiences()
     assert len(experiences) == 48
     by_name = {runs[e["run"]]: e for e in experiences}
     assert by_name["low"]["final_metric"] == 0.90 and by_name["high"]["final_metric"] == 0.96

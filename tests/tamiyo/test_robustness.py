@@ -7,10 +7,11 @@ import math
 import pytest
 import torch
 
-from tamiyo import services
+from tamiyo import feasibility, services
 from tamiyo.graph import FEATURE_LIMIT, GLOBAL_FEATURES, NODE_FEATURES, to_data
 from tamiyo.models import Experience, PolicyVersion, TrainingRun
 from tamiyo.policy import GNNPolicy
+from tamiyo.services import decisions, outcomes, policies
 from tamiyo.training import TrainResult
 from tests.tamiyo._runtime import graph_doc, health_snapshot
 from urza.errors import ApplicationError
@@ -70,7 +71,7 @@ def _store_version(policy: GNNPolicy, *, active: bool) -> PolicyVersion:
     if active:
         PolicyVersion.objects.filter(is_active=True).update(is_active=False)
     version.save()
-    services._policy_cache.clear()
+    policies._policy_cache.clear()
     return version
 
 
@@ -129,12 +130,12 @@ def test_a_gnn_decision_on_extreme_numbers_is_answered_not_a_500(
 def test_training_that_diverged_keeps_no_version():
     policy = _nan_policy()
     with pytest.raises(services.TrainingDiverged) as info:
-        services._check_trained(TrainResult(policy, {"train_loss": math.nan}, []))
+        policies._check_trained(TrainResult(policy, {"train_loss": math.nan}, []))
     assert info.value.code == "training_diverged" and "diverged" in info.value.message
     # finite weights but a NaN loss: refused as well
     with pytest.raises(services.TrainingDiverged):
-        services._check_trained(TrainResult(GNNPolicy(), {"train_loss": math.inf}, []))
-    services._check_trained(TrainResult(GNNPolicy(), {"train_loss": 0.5}, []))  # fine
+        policies._check_trained(TrainResult(GNNPolicy(), {"train_loss": math.inf}, []))
+    policies._check_trained(TrainResult(GNNPolicy(), {"train_loss": 0.5}, []))  # fine
     with pytest.raises(ApplicationError) as info:
         services.policy_version_create(policy=policy, metrics={}, experience_count=0, activate=True)
     assert info.value.status == 409 and info.value.code == "policy_unusable"
@@ -230,7 +231,7 @@ def test_a_repeat_is_compared_strictly_not_with_python_equality(api_client, germ
 
 
 def test_strict_json_equality():
-    same = services._same_json
+    same = outcomes._same_json
     assert same({"a": [1, 0.5, None, "x", True]}, {"a": [1.0, 0.5, None, "x", True]})
     assert not same(False, 0) and not same(0, False) and not same(True, 1)
     assert not same({"a": 1}, {"a": 1, "b": 2}) and not same([1], [1, 1]) and not same("1", 1)
@@ -333,9 +334,9 @@ def test_feasibility_takes_each_ir_from_the_blueprints_given(catalogue, django_a
         }
         for i in range(20)
     ]
-    services._site_params.cache_clear()
+    feasibility.kernel_params.cache_clear()
     with django_assert_num_queries(0):
-        fits, estimates = services.feasibility(
+        fits, estimates = decisions.feasibility(
             doc={"layers": layers}, blueprints=blueprints, dtype="float32"
         )
     assert len(fits) == 20 and all(any(row) for row in fits)

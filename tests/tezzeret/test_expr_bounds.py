@@ -217,7 +217,7 @@ def _stored(ir: dict, name: str):
 def test_a_kernel_for_an_out_of_range_blueprint_gets_400_and_decisions_skip_it(
     api_client, kind, message
 ):
-    from tamiyo.services import feasibility
+    from tamiyo.services.decisions import feasibility
     from urza import services as urza_services
     from urza.errors import ApplicationError
     from urza.models import Blueprint, Kernel
