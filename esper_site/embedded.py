@@ -4,6 +4,10 @@ With the in-process `memory://` broker only a worker inside the same process can
 queues, so `manage.py serve` (and the test suite in embedded mode) start one worker thread
 per queue here. The task code, acks and routing are the same as in the served mode; time
 limits are not enforced (they need the prefork pool's signals).
+
+Once the compile worker is up, the compiler is warmed in a background thread (tiny
+kernels compiled through the real pipeline, `tezzeret.warmup`), so the first kernel a client asks
+for compiles as fast as later ones while start-up and requests go on (ESPER_COMPILE_WARMUP).
 """
 
 from __future__ import annotations
@@ -53,6 +57,12 @@ def start_worker_threads(
             _started[queue] = (worker, thread)
             workers.append(worker)
             logger.info("embedded worker started", extra={"queue": queue})
+            if queue == "compile":
+                # The solo pool's worker_process_init has normally started it already
+                # (tezzeret.tasks); start() warms a process once.
+                from tezzeret import warmup
+
+                warmup.start(reason="embedded worker")
     return workers
 
 

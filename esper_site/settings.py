@@ -52,6 +52,27 @@ def _number(name: str, default, *, low=None, high=None):
     return value
 
 
+_FLAG_WORDS = {
+    **dict.fromkeys(("1", "true", "yes", "on"), True),
+    **dict.fromkeys(("0", "false", "no", "off"), False),
+}
+
+
+def _flag(name: str, default: bool) -> bool:
+    """The environment variable `name` as a boolean (1/0, true/false, yes/no, on/off, any
+    case), or `default` when unset or empty. Strict like `_number`: anything else stops
+    startup with an error naming the variable (django-environ reads a typo as False)."""
+    text = os.environ.get(name, "").strip()
+    if not text:
+        return default
+    try:
+        return _FLAG_WORDS[text.lower()]
+    except KeyError:
+        raise ImproperlyConfigured(
+            f"{name} must be one of 1/0, true/false, yes/no, on/off, got {text!r}"
+        ) from None
+
+
 DEBUG = env.bool("DEBUG", default=False)
 SECRET_KEY = env.str("SECRET_KEY", default="esper-embedded-insecure-key-change-me-in-served-mode")
 ALLOWED_HOSTS = env.list("ALLOWED_HOSTS", default=["localhost", "127.0.0.1", "[::1]", "testserver"])
@@ -265,6 +286,9 @@ CELERY_BEAT_SCHEDULE = (
 # (tamiyo.reward.terminal_credit, whose own default, TERMINAL_WEIGHT, is the same 0.5;
 # settings do not import tamiyo, which pulls in torch. 0: the step reward alone).
 TAMIYO_TERMINAL_WEIGHT = _number("TAMIYO_TERMINAL_WEIGHT", 0.5, low=0.0, high=1.0)
+# Compile workers export tiny kernels once at start-up, in the background, so the first
+# real compile of a fresh process is not the slow one (tezzeret.warmup; 0: off).
+ESPER_COMPILE_WARMUP = _flag("ESPER_COMPILE_WARMUP", True)
 ESPER_HEALTH_PING_TIMEOUT = _number("ESPER_HEALTH_PING_TIMEOUT", 0.5, low=0.01, high=60.0)
 
 LOGGING = {

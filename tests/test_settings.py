@@ -3,7 +3,7 @@
 import pytest
 from django.core.exceptions import ImproperlyConfigured
 
-from esper_site.settings import _number
+from esper_site.settings import _flag, _number
 
 
 @pytest.mark.parametrize(
@@ -46,3 +46,23 @@ def test_an_integer_setting_takes_whole_numbers_within_its_bound(monkeypatch, te
 def test_an_integer_setting_reads_an_integer(monkeypatch):
     monkeypatch.setenv("ESPER_TEST_NUMBER", "50")
     assert _number("ESPER_TEST_NUMBER", 200, low=0) == 50
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [("", True), (" ", True), ("0", False), ("1", True), ("off", False), (" FALSE ", False),
+     ("yes", True), ("On", True), ("no", False)],
+)  # fmt: skip
+def test_a_flag_setting_reads_the_usual_words(monkeypatch, text, expected):
+    monkeypatch.setenv("ESPER_TEST_FLAG", text)
+    assert _flag("ESPER_TEST_FLAG", True) is expected
+
+
+@pytest.mark.parametrize("text", ["2", "ture", "disabled", "0.0"])
+def test_a_flag_setting_that_is_not_a_flag_word_is_refused_by_name(monkeypatch, text):
+    monkeypatch.setenv("ESPER_TEST_FLAG", text)
+    with pytest.raises(ImproperlyConfigured) as err:
+        _flag("ESPER_TEST_FLAG", True)
+    assert str(err.value) == (
+        f"ESPER_TEST_FLAG must be one of 1/0, true/false, yes/no, on/off, got {text!r}"
+    )
